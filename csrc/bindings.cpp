@@ -8,6 +8,10 @@
 
 namespace py = pybind11;
 
+namespace llmfast {
+void bind_pretokenize(py::module_& m);  // bind_pretokenize.cpp
+}
+
 PYBIND11_MODULE(_C, m) {
     m.doc() = "llmfast native core: byte-level BPE";
     py::register_exception_translator([](std::exception_ptr p) {
@@ -26,4 +30,5 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("piece"), py::arg("ranks"),
         "Merge one piece's bytes by rank (lowest first, ties leftmost); returns the token ranks.");
+    llmfast::bind_pretokenize(m);
 }
