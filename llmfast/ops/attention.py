@@ -7,7 +7,47 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import triton
+import triton.language as tl
+
+from llmfast import _backend
 from llmfast.ops._spec import KernelSpec
+
+
+@triton.jit
+def _dropout_keep(seed, offsets, dropout_p):
+    """Philox keep decision shared by every kernel: keep iff uniform(seed, offset) >= dropout_p.
+
+    Offsets are int64 so huge (B, H, Sq, Sk) index spaces do not wrap; below 2**32 they give the same numbers as
+    int32 offsets would (Philox's high counter word is then zero).
+    """
+    return tl.rand(seed, offsets.to(tl.int64)) >= dropout_p
+
+
+@triton.jit
+def _dropout_mask_kernel(keep_ptr, seed, dropout_p, Sq, Sk, BLOCK_N: tl.constexpr):
+    # One program per (b, h, i) row: the keep mask of element (b, h, i, j) at offset ((b*H + h)*Sq + i)*Sk + j.
+    row = tl.program_id(0).to(tl.int64)
+    for start in range(0, Sk, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, row * Sk + cols, dropout_p)
+        tl.store(keep_ptr + row * Sk + cols, keep.to(tl.int8), mask=cols < Sk)
+
+
+def dropout_keep_mask(seed: int, p: float, B: int, H: int, Sq: int, Sk: int,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """The dropout keep mask (B, H, Sq, Sk) bool that the attention kernels apply for ``seed`` and ``p``.
+
+    Element (b, h, i, j) is kept iff ``tl.rand(seed, ((b * H + h) * Sq + i) * Sk + j) >= p`` (H: query heads).
+    Runs a small Triton kernel (so it needs CUDA tensors or ``TRITON_INTERPRET=1``), which makes the mask
+    bit-identical to the one the forward and backward kernels regenerate.
+    """
+    keep = torch.empty((B, H, Sq, Sk), dtype=torch.int8, device=device)
+    if keep.numel():
+        _backend.record_kernel_launch("attention_dropout_mask")
+        _dropout_mask_kernel[(B * H * Sq,)](keep, int(seed), float(p), Sq, Sk,
+                                            BLOCK_N=min(1024, triton.next_power_of_2(Sk)))
+    return keep.bool()
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
