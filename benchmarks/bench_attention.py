@@ -1,0 +1,173 @@
+"""Attention speed: llmfast vs every torch SDPA backend vs the pure-PyTorch reference.
+
+pytest-benchmark times llmfast (``llmfast.scaled_dot_product_attention`` on the ``auto`` backend: the Triton
+kernels on CUDA, torch's CPU kernel on the CPU); the peers are timed next to it with ``median_seconds`` and land in
+``benchmark.extra_info``:
+
+* ``tflops`` - llmfast's throughput; FLOPs are ``4 * B * H * Sq * Sk * D`` forward (half when causal) and 2.5x
+  that for the backward, so forward+backward counts 3.5x the forward.
+* ``<peer>_ms``, ``<peer>_tflops``, ``speedup_vs_<peer>`` (peer time / llmfast time: above 1 means llmfast is
+  faster) for the torch SDPA backends FLASH_ATTENTION, EFFICIENT_ATTENTION, CUDNN_ATTENTION, MATH and the
+  reference; a peer that cannot run here (unsupported on this machine, out of memory, too big to materialise)
+  is recorded as ``<peer>_status`` and never fails the benchmark. ``speedup_vs_torch_best`` compares with the
+  fastest torch backend that ran.
+* On a GPU, ``fraction_of_bf16_matmul_peak``: llmfast's TFLOP/s over a large bf16 matmul's, measured once per
+  session on the same card.
+
+On CUDA: bf16, seqlen 512..16k with the batch shrinking to keep 16k tokens, 2048 / head_dim heads, head dims 64
+and 128, causal or not, forward and forward+backward. On the CPU: float32, seqlen 512 and 1024 only, so
+``pytest benchmarks/bench_attention.py --benchmark-disable`` is a few-second smoke run (peers run once, untimed).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llmfast
+from llmfast.reference import attention as reference
+
+from conftest import median_seconds, synchronize
+
+CUDA = torch.cuda.is_available()
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+SEQLENS = [512, 1024, 2048, 4096, 8192, 16384] if CUDA else [512, 1024]
+HEAD_DIMS = [64, 128] if CUDA else [64]
+TOKENS_PER_BATCH = 16384  # CUDA: batch = tokens / seqlen, as flash-attn's own benchmark does
+MODEL_WIDTH = 2048        # CUDA: heads = width / head_dim
+# Peers that materialise the (B, H, Sq, Sk) scores are skipped beyond this many score elements (about 4 GiB of
+# fp32 scores, several copies of which live at once in the backward).
+MAX_MATERIALISED_SCORES = 2**30
+
+TORCH_BACKENDS = {}
+try:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    TORCH_BACKENDS = {name.lower(): getattr(SDPBackend, name)
+                      for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
+                      if hasattr(SDPBackend, name)}
+except ImportError:  # older torch: no per-backend selection, the peers are recorded as unavailable
+    sdpa_kernel = None
+
+
+def attention_flops(batch: int, heads: int, seqlen_q: int, seqlen_k: int, head_dim: int, causal: bool,
+                    mode: str) -> float:
+    forward = 4.0 * batch * heads * seqlen_q * seqlen_k * head_dim
+    if causal:
+        forward /= 2
+    return forward * (3.5 if mode == "fwd_bwd" else 1.0)
+
+
+def shape_for(seqlen: int, head_dim: int) -> tuple[int, int]:
+    """(batch, heads) for a sequence length: constant tokens and width on CUDA, tiny on the CPU."""
+    if CUDA:
+        return max(1, TOKENS_PER_BATCH // seqlen), MODEL_WIDTH // head_dim
+    return 1, 2
+
+
+@pytest.fixture(scope="session")
+def bf16_matmul_tflops(device: torch.device) -> float | None:
+    """The card's practical bf16 ceiling: TFLOP/s of an 8192^3 matmul (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    seconds = median_seconds(lambda: a @ b, device, repeats=10, warmup=3)
+    return 2.0 * n**3 / seconds / 1e12
+
+
+def make_step(attend, q, k, v, mode: str, device: torch.device):
+    """One timed step: the forward, or the forward and the gradients of q, k, v for a fixed upstream gradient."""
+    dout = torch.randn_like(q)
+
+    def forward():
+        out = attend(q, k, v)
+        synchronize(device)
+        return out
+
+    def forward_backward():
+        out = attend(q, k, v)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        synchronize(device)
+        return grads
+
+    return forward if mode == "fwd" else forward_backward
+
+
+def peer_functions(causal: bool) -> dict[str, callable]:
+    peers = {}
+    for name, backend in TORCH_BACKENDS.items():
+        def run(q, k, v, backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        peers[f"torch_{name}"] = run
+    peers["reference"] = lambda q, k, v: reference.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return peers
+
+
+def time_peer(name: str, attend, q, k, v, mode: str, device: torch.device, flops: float, quick: bool,
+              materialises: bool, info: dict) -> float | None:
+    """Median seconds of one peer, or None with the reason in ``info[f"{name}_status"]``."""
+    batch, heads, seqlen_q, _ = q.shape
+    if materialises and batch * heads * seqlen_q * k.shape[-2] > MAX_MATERIALISED_SCORES:
+        info[f"{name}_status"] = "skipped: materialises the full score matrix"
+        return None
+    step = make_step(attend, q, k, v, mode, device)
+    try:
+        step()  # first call: raises here if this backend does not support the inputs on this machine
+        if quick:
+            info[f"{name}_status"] = "ran (smoke run, not timed)"
+            return None
+        seconds = median_seconds(step, device, repeats=5, warmup=0)
+    except (RuntimeError, NotImplementedError, ValueError) as err:  # includes torch.OutOfMemoryError
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        info[f"{name}_status"] = f"unavailable: {str(err).splitlines()[0][:100]}"
+        return None
+    info[f"{name}_ms"] = seconds * 1e3
+    info[f"{name}_tflops"] = flops / seconds / 1e12
+    return seconds
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS, ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("seqlen", SEQLENS, ids=lambda s: f"s{s}")
+def test_attention(benchmark, device, bf16_matmul_tflops, seqlen, head_dim, causal, mode):
+    batch, heads = shape_for(seqlen, head_dim)
+    q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device=device, dtype=DTYPE,
+                           requires_grad=mode == "fwd_bwd") for _ in range(3))
+    flops = attention_flops(batch, heads, seqlen, seqlen, head_dim, causal, mode)
+    info = benchmark.extra_info
+    info.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                dtype=str(DTYPE).replace("torch.", ""), shape=f"B{batch} H{heads} S{seqlen} D{head_dim}",
+                causal=causal, mode=mode, flops=flops)
+
+    def llmfast_attention(q, k, v):
+        return llmfast.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    with llmfast.backend("auto"):
+        step = make_step(llmfast_attention, q, k, v, mode, device)
+        rounds = 20 if CUDA else 3
+        benchmark.pedantic(step, rounds=rounds, warmup_rounds=2 if CUDA else 1, iterations=1)
+
+    quick = benchmark.disabled or benchmark.stats is None  # smoke run: peers run once, untimed; no ratios
+    if not quick:
+        ours = benchmark.stats.stats.median
+        info["tflops"] = flops / ours / 1e12
+    if bf16_matmul_tflops and not quick:
+        info["bf16_matmul_tflops"] = bf16_matmul_tflops
+        info["fraction_of_bf16_matmul_peak"] = info["tflops"] / bf16_matmul_tflops
+
+    best_torch = None
+    for name, attend in peer_functions(causal).items():
+        seconds = time_peer(name, attend, q, k, v, mode, device, flops, quick,
+                            materialises=name in ("torch_math", "reference"), info=info)
+        if seconds is None or quick:
+            continue
+        info[f"speedup_vs_{name}"] = seconds / ours
+        if name.startswith("torch_") and (best_torch is None or seconds < best_torch):
+            best_torch = seconds
+    if best_torch is not None:
+        info["speedup_vs_torch_best"] = best_torch / ours
