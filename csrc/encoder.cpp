@@ -1,0 +1,214 @@
+#include "encoder.h"
+
+#include <algorithm>
+#include <atomic>
+#include <exception>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+
+#if __has_include("pretokenize.h")
+#include "pretokenize.h"
+#define LLMFAST_HAVE_PRETOKENIZE 1
+#else
+#define LLMFAST_HAVE_PRETOKENIZE 0
+#endif
+
+namespace llmfast {
+
+namespace {
+// Above this many ranks per token the decoder uses a sorted table instead of a dense array (a vocabulary with a
+// few huge ranks must not allocate gigabytes).
+constexpr size_t kDenseSlack = size_t(1) << 20;
+}  // namespace
+
+Encoder::Encoder(const std::vector<std::pair<std::string, Rank>>& mergeable,
+                 const std::vector<std::pair<std::string, Rank>>& specials, std::string_view pattern) {
+    bpe_.build(mergeable);
+    max_token_value_ = bpe_.max_rank();
+
+    // Special tokens: a table from bytes to index, the set of first bytes (a cheap filter while scanning), and the
+    // distinct lengths (longest first, so the longest special at a position wins).
+    std::vector<std::pair<std::string_view, Rank>> views;
+    for (size_t i = 0; i < specials.size(); ++i) {
+        const auto& [bytes, rank] = specials[i];
+        if (bytes.empty()) throw std::invalid_argument("special token is the empty string");
+        if (rank == kNoRank) throw std::invalid_argument("special token rank 4294967295 is reserved");
+        specials_.emplace_back(bytes, rank);
+        special_first_byte_[static_cast<uint8_t>(bytes[0])] = true;
+        special_lengths_.push_back(bytes.size());
+        max_token_value_ = std::max(max_token_value_, rank);
+    }
+    // Views into specials_, which no longer reallocates.
+    for (size_t i = 0; i < specials_.size(); ++i) views.emplace_back(specials_[i].first, static_cast<Rank>(i));
+    if (!special_index_.build(views)) throw std::invalid_argument("duplicate special token");
+    std::sort(special_lengths_.begin(), special_lengths_.end(), std::greater<size_t>());
+    special_lengths_.erase(std::unique(special_lengths_.begin(), special_lengths_.end()), special_lengths_.end());
+
+    // Decoder over mergeable tokens, then specials (a mergeable token keeps its rank if a special reuses it, as in
+    // tiktoken, which looks the mergeable decoder up first).
+    size_t total = 0, count = mergeable.size() + specials_.size();
+    for (const auto& e : mergeable) total += e.first.size();
+    for (const auto& e : specials_) total += e.first.size();
+    if (total >= UINT32_MAX) throw std::invalid_argument("vocabulary too large");
+    decode_arena_.reserve(total);
+    const bool dense = static_cast<size_t>(max_token_value_) < 2 * count + kDenseSlack;
+    if (dense) dense_.assign(static_cast<size_t>(max_token_value_) + 1, kMissing);
+    auto add = [&](const std::string& bytes, Rank rank) {
+        const uint64_t entry = (static_cast<uint64_t>(decode_arena_.size()) << 32) | bytes.size();
+        if (dense) {
+            if (dense_[rank] != kMissing) return;
+            dense_[rank] = entry;
+        } else {
+            sparse_.emplace_back(rank, entry);
+        }
+        decode_arena_.append(bytes);
+    };
+    for (const auto& [bytes, rank] : mergeable) add(bytes, rank);
+    for (const auto& [bytes, rank] : specials_) add(bytes, rank);
+    if (!dense) {
+        // Stable sort keeps the mergeable entry first when a special shares its rank; then drop the later ones.
+        std::stable_sort(sparse_.begin(), sparse_.end(),
+                         [](const auto& a, const auto& b) { return a.first < b.first; });
+        sparse_.erase(std::unique(sparse_.begin(), sparse_.end(),
+                                  [](const auto& a, const auto& b) { return a.first == b.first; }),
+                      sparse_.end());
+    }
+
+#if LLMFAST_HAVE_PRETOKENIZE
+    if (auto kind = recognize_pattern(pattern)) pattern_kind_ = static_cast<int>(*kind);
+#else
+    (void)pattern;
+#endif
+}
+
+bool Encoder::find_special(std::string_view text, size_t from, const uint8_t* mask, size_t& pos,
+                           size_t& index) const {
+    if (!mask || specials_.empty()) return false;
+    const char* data = text.data();
+    const size_t n = text.size();
+    for (size_t i = from; i < n; ++i) {
+        if (!special_first_byte_[static_cast<uint8_t>(data[i])]) continue;
+        for (size_t len : special_lengths_) {
+            if (len > n - i) continue;
+            const Rank idx = special_index_.find(data + i, len);
+            if (idx != kNoRank && mask[idx]) {
+                pos = i;
+                index = idx;
+                return true;
+            }
+        }
+    }
+    return false;
+}
+
+void Encoder::encode_segment(std::string_view segment, std::vector<Rank>& out) const {
+#if LLMFAST_HAVE_PRETOKENIZE
+    thread_local std::vector<std::pair<size_t, size_t>> pieces;
+    pieces.clear();
+    pretokenize(static_cast<PatternKind>(pattern_kind_), segment, pieces);
+    for (const auto& [start, end] : pieces) bpe_.encode_piece(segment.substr(start, end - start), out);
+#else
+    (void)segment;
+    (void)out;
+    throw std::logic_error("no native pre-tokenizer in this build");
+#endif
+}
+
+void Encoder::encode(std::string_view text, const uint8_t* allowed_mask, std::vector<Rank>& out) const {
+    if (!has_native_pattern()) throw std::logic_error("this encoding's pattern has no native pre-tokenizer");
+    size_t start = 0;
+    for (;;) {
+        size_t pos = 0, index = 0;
+        const bool found = find_special(text, start, allowed_mask, pos, index);
+        const size_t end = found ? pos : text.size();
+        if (end > start) encode_segment(text.substr(start, end - start), out);
+        if (!found) break;
+        out.push_back(specials_[index].second);
+        start = pos + specials_[index].first.size();
+    }
+}
+
+void Encoder::encode_ordinary(std::string_view text, std::vector<Rank>& out) const {
+    if (!has_native_pattern()) throw std::logic_error("this encoding's pattern has no native pre-tokenizer");
+    if (!text.empty()) encode_segment(text, out);
+}
+
+void Encoder::encode_pieces(const std::vector<std::string_view>& pieces, std::vector<Rank>& out) const {
+    for (std::string_view piece : pieces) bpe_.encode_piece(piece, out);
+}
+
+uint64_t Encoder::lookup_decoder(Rank id) const {
+    if (!dense_.empty() || sparse_.empty()) return id < dense_.size() ? dense_[id] : kMissing;
+    auto it = std::lower_bound(sparse_.begin(), sparse_.end(), id,
+                               [](const auto& e, Rank r) { return e.first < r; });
+    return it != sparse_.end() && it->first == id ? it->second : kMissing;
+}
+
+bool Encoder::token_bytes(Rank id, std::string_view& out) const {
+    const uint64_t e = lookup_decoder(id);
+    if (e == kMissing) return false;
+    out = std::string_view(decode_arena_.data() + (e >> 32), static_cast<uint32_t>(e));
+    return true;
+}
+
+size_t Encoder::decoded_size(const Rank* ids, size_t n, size_t& bad_position) const {
+    size_t total = 0;
+    for (size_t i = 0; i < n; ++i) {
+        const uint64_t e = lookup_decoder(ids[i]);
+        if (e == kMissing) {
+            bad_position = i;
+            return SIZE_MAX;
+        }
+        total += static_cast<uint32_t>(e);
+    }
+    return total;
+}
+
+void Encoder::decode_into(const Rank* ids, size_t n, char* dst) const {
+    const char* arena = decode_arena_.data();
+    for (size_t i = 0; i < n; ++i) {
+        const uint64_t e = lookup_decoder(ids[i]);
+        const size_t len = static_cast<uint32_t>(e);
+        std::memcpy(dst, arena + (e >> 32), len);
+        dst += len;
+    }
+}
+
+bool Encoder::decode(const Rank* ids, size_t n, std::string& out, size_t& bad_position) const {
+    const size_t size = decoded_size(ids, n, bad_position);
+    if (size == SIZE_MAX) return false;
+    const size_t old = out.size();
+    out.resize(old + size);
+    decode_into(ids, n, out.data() + old);
+    return true;
+}
+
+void parallel_for(size_t n, size_t threads, const std::function<void(size_t)>& fn) {
+    threads = std::max<size_t>(1, std::min(threads, n));
+    std::atomic<size_t> next{0};
+    std::exception_ptr error;
+    std::mutex error_mutex;
+    auto worker = [&] {
+        for (;;) {
+            const size_t i = next.fetch_add(1, std::memory_order_relaxed);
+            if (i >= n) return;
+            try {
+                fn(i);
+            } catch (...) {
+                std::lock_guard<std::mutex> lock(error_mutex);
+                if (!error) error = std::current_exception();
+                next.store(n, std::memory_order_relaxed);
+                return;
+            }
+        }
+    };
+    std::vector<std::thread> pool;
+    pool.reserve(threads - 1);
+    for (size_t t = 1; t < threads; ++t) pool.emplace_back(worker);
+    worker();
+    for (auto& t : pool) t.join();
+    if (error) std::rethrow_exception(error);
+}
+
+}  // namespace llmfast
