@@ -151,15 +151,29 @@ def _dropout_mask_kernel(keep_ptr, seed, dropout_p, Sq, Sk, BLOCK_N: tl.constexp
         tl.store(keep_ptr + row * Sk + cols, keep.to(tl.int8), mask=cols < Sk)
 
 
-# Triton's CPU interpreter multiplies bf16 tiles as their raw uint16 bits; there, bf16 dots go through fp32
-# instead (exact: a bf16 x bf16 product fits in fp32, and the tensor cores accumulate in fp32 too).
-_INTERPRETER_BF16_DOT_FIX = tl.constexpr(_backend.triton_interpreter_enabled())
+# Two workarounds for Triton's CPU interpreter, compiled out on GPUs: it multiplies bf16 tiles as their raw uint16
+# bits, so there bf16 dots go through fp32 (exact: a bf16 x bf16 product fits in fp32, and the tensor cores
+# accumulate in fp32 too); and it rounds fp32 -> bf16 toward zero, so there ``_cast`` rounds to nearest-even by hand
+# as the GPU conversion does.
+_INTERPRETER_BF16_FIX = tl.constexpr(_backend.triton_interpreter_enabled())
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr):
+    """``x.to(dtype)`` for fp32 ``x``, rounding to nearest-even on every backend."""
+    if _INTERPRETER_BF16_FIX and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        y = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = x.to(dtype)
+    return y
 
 
 @triton.jit
 def _dot(a, b, acc, FP32_IEEE: tl.constexpr):
     # fp32 inputs multiply exactly ("ieee") unless the caller allowed TF32; fp16/bf16 go to the tensor cores.
-    if _INTERPRETER_BF16_DOT_FIX and a.dtype == tl.bfloat16:
+    if _INTERPRETER_BF16_FIX and a.dtype == tl.bfloat16:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     elif FP32_IEEE:
         acc = tl.dot(a, b, acc, input_precision="ieee")
@@ -295,7 +309,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, stri
             p = tl.where(keep, p, 0.0)
         v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, seqlen_k, offs_dv,
                        HEAD_DV, BLOCK_DV, EDGE)
-        acc = _dot(p.to(v.dtype), v, acc, FP32_IEEE)
+        acc = _dot(_cast(p, v.dtype), v, acc, FP32_IEEE)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -376,7 +390,7 @@ def _attn_fwd_kernel(
         out = out * (1.0 / (1.0 - dropout_p))
     o_base = Out + b64 * stride_ob + h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_om
     o_ptrs = o_base + offs_m[:, None] * stride_om + offs_dv[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DV))
+    tl.store(o_ptrs, _cast(out, Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DV))
     lse = tl.where(empty_row, -float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     l_ptrs = Lse + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m
     tl.store(l_ptrs, lse, mask=offs_m < seqlen_q)
@@ -457,9 +471,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, ma
             dp_t = tl.where(keep, dp_t * inv_keep, 0.0)
         else:
             p_drop_t = p_t
-        dv = _dot(p_drop_t.to(do.dtype), do, dv, FP32_IEEE)
+        dv = _dot(_cast(p_drop_t, do.dtype), do, dv, FP32_IEEE)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = _dot(ds_t.to(q.dtype), q, dk, FP32_IEEE)
+        dk = _dot(_cast(ds_t, q.dtype), q, dk, FP32_IEEE)
     return dk, dv
 
 
@@ -534,9 +548,9 @@ def _attn_bwd_dkdv_kernel(
     dk = dk * sm_scale
     row_ok = offs_n[:, None] < seqlen_k
     tl.store(DK + b64 * stride_dkb + kv_h * stride_dkh + k_row[:, None] * stride_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=row_ok & (offs_d[None, :] < HEAD_D))
+             _cast(dk, DK.dtype.element_ty), mask=row_ok & (offs_d[None, :] < HEAD_D))
     tl.store(DV + b64 * stride_dvb + kv_h * stride_dvh + k_row[:, None] * stride_dvn + offs_dv[None, :],
-             dv.to(DV.dtype.element_ty), mask=row_ok & (offs_dv[None, :] < HEAD_DV))
+             _cast(dv, DV.dtype.element_ty), mask=row_ok & (offs_dv[None, :] < HEAD_DV))
 
 
 @triton.jit
@@ -569,7 +583,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_bas
         if STORE_DS:
             # dS is also the gradient of an additive attn_mask: written only when the mask needs it.
             tl.store(ds_base + offs_m[:, None].to(tl.int64) * Sk + offs_n[None, :], ds, mask=mask_ok)
-        dq = _dot(ds.to(k.dtype), k, dq, FP32_IEEE)
+        dq = _dot(_cast(ds, k.dtype), k, dq, FP32_IEEE)
     return dq
 
 
@@ -647,7 +661,7 @@ def _attn_bwd_dq_kernel(
 
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + q_row[:, None] * stride_dqm + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_D))
+             _cast(dq, DQ.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_D))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1071,6 +1085,19 @@ def _flash_torch(q, k, v, dropout_p, scale, left, right, with_lse):
     return out, torch.logsumexp(scores, dim=-1)
 
 
+@torch.compiler.assume_constant_result
+def _resolve_while_compiling(op: str, device: torch.device) -> str:
+    return _backend.resolve(op, torch.empty(0, device=device))
+
+
+def _resolve(op: str, tensor: torch.Tensor) -> str:
+    """``_backend.resolve``; under torch.compile evaluated once at trace time (Dynamo cannot trace its ContextVar),
+    so the backend in force when a function is compiled stays baked into that compiled graph."""
+    if torch.compiler.is_compiling():
+        return _resolve_while_compiling(op, tensor.device)
+    return _backend.resolve(op, tensor)
+
+
 def _reference():
     from llmfast.reference import attention as reference  # late: the reference is only needed when selected
 
@@ -1117,7 +1144,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     if attn_mask is not None:
         _check_mask(attn_mask, query, tuple(query.shape[:-1]) + (key.shape[-2],))
 
-    impl = _backend.resolve("scaled_dot_product_attention", query)
+    impl = _resolve("scaled_dot_product_attention", query)
     if impl == "reference":
         return _reference().scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
                                                          dropout_p=dropout_p, is_causal=is_causal, scale=scale,
@@ -1166,7 +1193,7 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     if causal:
         right = 0
 
-    impl = _backend.resolve("flash_attn_func", q)
+    impl = _resolve("flash_attn_func", q)
     if impl == "reference":
         return _reference().flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale,
                                             causal=causal, window_size=tuple(window_size),
@@ -1212,7 +1239,7 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     if causal:
         right = 0
 
-    impl = _backend.resolve("flash_attn_varlen_func", q)
+    impl = _resolve("flash_attn_varlen_func", q)
     if impl == "reference":
         return _reference().flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                    dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
