@@ -1,0 +1,86 @@
+// UTF-8 decoding and character-class lookups for the pre-tokenizer.
+//
+// Decoding is strict (RFC 3629: no overlong forms, no surrogates, nothing above U+10FFFF, no truncated sequences).
+// An invalid byte is one unit of its own with the class of U+FFFD (a symbol: "other"), so scanning any bytes
+// terminates, never reads past the end, and splits invalid input where a regex over U+FFFD would.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "unicode_tables.h"
+
+namespace llmfast {
+namespace unicode {
+
+inline constexpr uint32_t kReplacementCharacter = 0xFFFD;
+
+// Decodes the UTF-8 sequence at p (p < end). Returns its length in bytes and stores the code point in cp; an
+// invalid byte returns 1 and stores U+FFFD.
+inline size_t decode_utf8(const uint8_t* p, const uint8_t* end, uint32_t& cp) {
+    const uint32_t b0 = p[0];
+    if (b0 < 0x80) {
+        cp = b0;
+        return 1;
+    }
+    const size_t avail = static_cast<size_t>(end - p);
+    if (b0 >= 0xC2 && b0 <= 0xDF) {
+        if (avail >= 2 && (p[1] & 0xC0) == 0x80) {
+            cp = ((b0 & 0x1F) << 6) | (p[1] & 0x3F);
+            return 2;
+        }
+    } else if (b0 >= 0xE0 && b0 <= 0xEF) {
+        if (avail >= 3 && (p[1] & 0xC0) == 0x80 && (p[2] & 0xC0) == 0x80) {
+            const uint32_t c = ((b0 & 0x0F) << 12) | ((p[1] & 0x3Fu) << 6) | (p[2] & 0x3F);
+            // Rejects overlong forms (< U+0800) and UTF-16 surrogates.
+            if (c >= 0x800 && (c < 0xD800 || c > 0xDFFF)) {
+                cp = c;
+                return 3;
+            }
+        }
+    } else if (b0 >= 0xF0 && b0 <= 0xF4) {
+        if (avail >= 4 && (p[1] & 0xC0) == 0x80 && (p[2] & 0xC0) == 0x80 && (p[3] & 0xC0) == 0x80) {
+            const uint32_t c = ((b0 & 0x07) << 18) | ((p[1] & 0x3Fu) << 12) | ((p[2] & 0x3Fu) << 6) | (p[3] & 0x3F);
+            if (c >= 0x10000 && c <= kMaxCodePoint) {
+                cp = c;
+                return 4;
+            }
+        }
+    }
+    cp = kReplacementCharacter;
+    return 1;
+}
+
+struct CharInfo {
+    uint8_t flags;  // CharFlag bits
+    uint8_t len;    // bytes
+};
+
+// Class flags and byte length of the character at p (p < end). ASCII takes one table load.
+inline CharInfo char_at(const uint8_t* p, const uint8_t* end) {
+    const uint8_t b0 = p[0];
+    if (b0 < 0x80) return {kCharFlagBlocks[b0], 1};
+    uint32_t cp;
+    const size_t len = decode_utf8(p, end, cp);
+    return {char_flags(cp), static_cast<uint8_t>(len)};
+}
+
+// The lowercase ASCII letter that the character at p matches case-insensitively (Unicode simple case folding, as
+// the regex crate's (?i)), for the letters of the contractions 's 't 're 've 'm 'll 'd. The result equals one of
+// those letters only when the character matches it; otherwise it is some other value. Sets len to the byte length.
+inline char contraction_letter_folded(const uint8_t* p, const uint8_t* end, size_t& len) {
+    const uint8_t b0 = p[0];
+    if (b0 < 0x80) {
+        len = 1;
+        // b0 | 0x20 equals one of the (lowercase) target letters only when b0 is that letter in either case.
+        return static_cast<char>(b0 | 0x20);
+    }
+    uint32_t cp;
+    len = decode_utf8(p, end, cp);
+    for (const CaseFold& fold : kContractionFolds) {
+        if (fold.code_point == cp) return fold.letter;
+    }
+    return 0;
+}
+
+}  // namespace unicode
+}  // namespace llmfast
