@@ -2,8 +2,9 @@
 
 Plain PyTorch that materialises the full (Sq, Sk) score matrix, favouring clarity over speed. It works in any
 floating dtype, float64 included, and computes in the dtype of its inputs the way an unfused low-precision model
-would (``q @ k^T`` and ``P @ V`` in that dtype, the softmax in float32 for float16/bfloat16), so running it on
-low-precision inputs measures the error that dtype costs, while running it on float64 gives the truth.
+would (``q @ k^T``, the softmax and ``P @ V`` all return that dtype; torch accumulates float16/bfloat16 in float32
+inside each op), so running it on low-precision inputs measures the error that dtype costs, as flash-attn's
+``upcast=False`` reference does, while running it on float64 gives the truth.
 
 Conventions shared with the kernels in :mod:`llmfast.ops.attention`:
 
@@ -51,9 +52,6 @@ __all__ = [
     "philox_uniform",
     "dropout_keep_mask",
 ]
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Masks
@@ -228,33 +226,30 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
             are scaled by ``1 / (1 - dropout_p)``. ``None`` means no dropout (this function draws nothing).
         return_lse: also return the ``(..., Hq, Sq)`` log-sum-exp of the masked scaled scores.
 
-    Computation happens in the inputs' dtype, with the softmax in float32 for float16/bfloat16 (as an unfused
-    model does). Rows with no allowed key give output 0, LSE ``-inf`` and zero gradient.
+    Computation happens in the inputs' dtype (torch's softmax accumulates float16/bfloat16 in float32 and rounds
+    its result), the LSE in float32 (float64 for float64). Rows with no allowed key give output 0, LSE ``-inf``
+    and zero gradient.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     k = _expand_kv_heads(k, q.shape[-3], "key")
     v = _expand_kv_heads(v, q.shape[-3], "value")
-    softmax_dtype = torch.float32 if q.dtype in _LOW_PRECISION else q.dtype
 
+    # Everything in the inputs' dtype, as an unfused model computes it (flash-attn's "upcast=False" reference):
+    # torch.softmax on float16/bfloat16 accumulates in float32 but returns, and saves for the backward, rounded
+    # probabilities. Its error is the yardstick the kernel tests measure the kernels against.
     scores = (q @ k.transpose(-2, -1)) * scale
-    scores = scores.to(softmax_dtype)
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
-            scores = scores + mask.to(softmax_dtype)
+            scores = scores + mask.to(scores.dtype)
 
-    # Subtract the row max for stability. The max is a constant of the math (detached: no gradient through it);
-    # a row with every score -inf has max -inf, which is replaced by 0 so exp gives 0 instead of NaN.
-    row_max = scores.detach().amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    weights = torch.exp(scores - row_max)
-    row_sum = weights.sum(dim=-1, keepdim=True)
-    has_keys = row_sum > 0
-    # The double where keeps fully masked rows at exactly 0 (and their gradient at 0, not 0 * inf = NaN).
-    safe_sum = torch.where(has_keys, row_sum, torch.ones_like(row_sum))
-    probs = weights / safe_sum
+    # A row with no allowed key would make softmax 0/0 = NaN: give it finite dummy scores, then zero its
+    # probabilities. masked_fill passes no gradient to the filled entries, so those rows get gradient 0.
+    empty_row = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    scores = scores.masked_fill(empty_row, 0.0)
+    probs = torch.softmax(scores, dim=-1).masked_fill(empty_row, 0.0)
 
     if dropout_keep is not None:
         if not 0.0 <= dropout_p < 1.0:
@@ -264,7 +259,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     out = probs.to(v.dtype) @ v
     if not return_lse:
         return out
-    lse = torch.where(has_keys, row_max + torch.log(safe_sum), torch.full_like(row_sum, float("-inf")))
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.logsumexp(scores.to(lse_dtype), dim=-1, keepdim=True)
+    lse = lse.masked_fill(empty_row, float("-inf"))
     return out, lse.squeeze(-1)
 
 
@@ -288,8 +285,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                          "for grouped-query attention")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    softmax_dtype = torch.float32 if query.dtype in _LOW_PRECISION else query.dtype
-    mask = sdpa_mask(query.shape[-2], key.shape[-2], attn_mask, is_causal, softmax_dtype, query.device)
+    mask = sdpa_mask(query.shape[-2], key.shape[-2], attn_mask, is_causal, query.dtype, query.device)
     if dropout_p > 0.0 and dropout_keep is None:
         if query.dim() != 4:
             raise ValueError(f"dropout needs 4-D (B, H, S, D) inputs, got query of shape {tuple(query.shape)}")
