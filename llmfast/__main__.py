@@ -1,0 +1,4 @@
+"""``python -m llmfast``: the command-line interface (see :mod:`llmfast.cli`)."""
+from llmfast.cli import main
+
+raise SystemExit(main())

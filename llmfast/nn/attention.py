@@ -1,0 +1,98 @@
+"""Causal multi-head self-attention over llmfast's public attention op, with a key/value cache for generation."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import llmfast
+
+
+class KVCache:
+    """Keys and values one attention layer has seen so far, for decoding a token at a time.
+
+    The buffers are allocated once for ``max_len`` positions, so each step writes its new keys in place instead of
+    concatenating (which would copy the whole history every token). The cache is for inference, under
+    ``torch.no_grad()``.
+    """
+
+    def __init__(self, batch_size: int, n_head: int, head_dim: int, max_len: int, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k`` and ``v`` (B, H, T, D) after the cached positions; return every key and value so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if k.shape[0] != self.keys.shape[0]:
+            raise ValueError(f"kv_cache was made for batch size {self.keys.shape[0]}, got a batch of {k.shape[0]}")
+        if end > self.max_len:
+            raise ValueError(f"kv_cache holds {self.max_len} positions; it has {start} and got {k.shape[2]} more")
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+def causal_attention_args(q_len: int, k_len: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
+    """``(attn_mask, is_causal)`` for SDPA when the queries are the last ``q_len`` of ``k_len`` positions.
+
+    SDPA's ``is_causal`` aligns the mask to the top-left corner (query i sees keys 0..i), which is the right
+    mask only when there are as many queries as keys. With a cache the queries sit at the end (bottom-right
+    alignment, flash-attn's convention): one new query sees every key and needs no mask; a chunk of several
+    queries after cached keys needs the mask built explicitly.
+    """
+    if q_len == k_len:
+        return None, True
+    if q_len == 1:
+        return None, False
+    # Query i sits at position (k_len - q_len) + i, so it may attend to keys j <= i + (k_len - q_len).
+    mask = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
+    return mask, False
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which each position attends only to itself and earlier positions.
+
+    One fused linear layer produces queries, keys and values; attention runs through
+    :func:`llmfast.scaled_dot_product_attention`, so it uses llmfast's fused kernel where one serves.
+    """
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True) -> None:
+        super().__init__()
+        if n_head < 1 or n_embd < 1:
+            raise ValueError(f"n_embd and n_head must be positive, got n_embd={n_embd} and n_head={n_head}")
+        if n_embd % n_head != 0:
+            raise ValueError(f"n_embd must be a multiple of n_head, got n_embd={n_embd} and n_head={n_head}")
+        self.n_embd = n_embd
+        self.n_head = n_head
+        self.head_dim = n_embd // n_head
+        self.dropout = dropout
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Attend over ``x`` (B, T, C); with ``kv_cache``, also over the positions cached before it."""
+        B, T, C = x.shape
+        # (B, T, 3C) -> three (B, n_head, T, head_dim) tensors.
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)
+        attn_mask, is_causal = causal_attention_args(T, k.shape[2], x.device)
+        y = llmfast.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                                 dropout_p=self.dropout if self.training else 0.0)
+        # Heads back side by side: (B, n_head, T, head_dim) -> (B, T, C).
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def extra_repr(self) -> str:
+        return f"n_embd={self.n_embd}, n_head={self.n_head}, dropout={self.dropout}"
