@@ -138,6 +138,68 @@ void BytePairEncoder::build(const std::vector<std::pair<std::string, Rank>>& mer
         throw std::invalid_argument("vocabulary lacks " + std::to_string(n_missing) +
                                     " of the 256 single-byte tokens (e.g. byte values " + missing +
                                     "); a byte-level BPE needs every byte to encode arbitrary text");
+    // Pair table: every way to split each token into two tokens. Each (left, right) pair has one concatenation, so
+    // one rank.
+    std::vector<std::pair<uint64_t, Rank>> pair_entries;
+    pair_entries.reserve(mergeable.size() * 3);
+    for (const auto& [bytes, rank] : mergeable) {
+        for (size_t k = 1; k < bytes.size(); ++k) {
+            const Rank left = map.find(bytes.data(), k);
+            if (left == kNoRank) continue;
+            const Rank right = map.find(bytes.data() + k, bytes.size() - k);
+            if (right == kNoRank) continue;
+            pair_entries.emplace_back((static_cast<uint64_t>(left) << 32) | right, rank);
+        }
+    }
+    pairs_.build(pair_entries);
+    // Trie over token bytes. Node 0 is the root; children of the root sit in a direct table.
+    {
+        std::vector<std::pair<uint64_t, Rank>> edges;
+        std::vector<Rank> node_rank(1, kNoRank);
+        // Edges are created while walking each token's path, in a growing open-addressing table (node << 32 |
+        // byte -> child), then frozen into trie_.
+        size_t cap = 16;
+        size_t total = 0;
+        for (const auto& e : mergeable) total += e.first.size();
+        while (cap < total * 2 + 2) cap <<= 1;
+        std::vector<uint64_t> keys(cap, UINT64_MAX);
+        std::vector<uint32_t> vals(cap, 0);
+        const size_t mask = cap - 1;
+        int bits = 0;
+        while ((size_t(1) << bits) < cap) ++bits;
+        auto slot_of = [&](uint64_t key) {
+            size_t i = static_cast<size_t>((key * 0x9E3779B97F4A7C15ull) >> (64 - bits));
+            while (keys[i] != UINT64_MAX && keys[i] != key) i = (i + 1) & mask;
+            return i;
+        };
+        for (int b = 0; b < 256; ++b) {
+            root_child_[b] = static_cast<uint32_t>(node_rank.size());
+            node_rank.push_back(byte_ranks_[b]);
+        }
+        for (const auto& [bytes, rank] : mergeable) {
+            uint32_t node = root_child_[static_cast<uint8_t>(bytes[0])];
+            for (size_t i = 1; i < bytes.size(); ++i) {
+                const uint64_t key = (static_cast<uint64_t>(node) << 32) | static_cast<uint8_t>(bytes[i]);
+                const size_t slot = slot_of(key);
+                if (keys[slot] == UINT64_MAX) {
+                    keys[slot] = key;
+                    vals[slot] = static_cast<uint32_t>(node_rank.size());
+                    node_rank.push_back(kNoRank);
+                }
+                node = vals[slot];
+            }
+            node_rank[node] = rank;
+        }
+        for (size_t i = 0; i < cap; ++i)
+            if (keys[i] != UINT64_MAX) edges.emplace_back(keys[i], vals[i]);
+        trie_.build(edges);
+        node_rank_ = std::move(node_rank);
+    }
+    byte_pair_ranks_.assign(65536, kNoRank);
+    for (size_t i = 0; i < 65536; ++i) {
+        const char two[2] = {static_cast<char>(i >> 8), static_cast<char>(i & 255)};
+        byte_pair_ranks_[i] = map.find(two, 2);
+    }
     ranks_ = std::move(map);
     max_rank_ = max_rank;
 }
@@ -159,81 +221,128 @@ void BytePairEncoder::encode_piece(std::string_view piece, std::vector<Rank>& ou
 void BytePairEncoder::merge_piece(std::string_view piece, std::vector<Rank>& out) const {
     if (piece.size() <= kShortPiece)
         merge_short(piece, out);
+    else if (piece.size() <= kChunkPiece)
+        merge_chunked(piece, out);
     else
         merge_long(piece, out);
 }
 
-// tiktoken's scan: parts[i] starts at start[i]; pair[i] is the rank of parts i and i+1 joined. Each step finds the
-// lowest pair (leftmost on ties), joins it, and refreshes only the two pairs that touch the joined part.
+// Cuts the piece where no token spans the cut and merges each chunk alone. A merge always creates a token covering
+// both parts, so no merge crosses such a cut, and merges on either side never interact: the result equals merging
+// the whole piece. Walking the trie from each start s gives the end of the longest token starting at s; a position k
+// is a cut when no token starting before k ends after it.
+void BytePairEncoder::merge_chunked(std::string_view piece, std::vector<Rank>& out) const {
+    const size_t n = piece.size();
+    const uint8_t* p = reinterpret_cast<const uint8_t*>(piece.data());
+    size_t chunk_start = 0;
+    size_t reach = 0;                  // furthest end of a token starting in [chunk_start, s)
+    size_t chunk_token_end = 0;        // end of the longest token starting at chunk_start
+    Rank chunk_token = kNoRank;        // and its rank
+    auto emit = [&](size_t a, size_t b) {
+        if (b - a == 1)
+            out.push_back(byte_ranks_[p[a]]);
+        else if (chunk_token_end == b)
+            out.push_back(chunk_token);
+        else
+            merge_any(piece.substr(a, b - a), out);
+    };
+    for (size_t s = 0; s < n; ++s) {
+        if (s > chunk_start && reach <= s) {
+            emit(chunk_start, s);
+            chunk_start = s;
+        }
+        // Longest token starting at s (every single byte is one).
+        uint32_t node = root_child_[p[s]];
+        size_t end = s + 1;
+        Rank end_rank = byte_ranks_[p[s]];
+        for (size_t e = s + 1; e < n; ++e) {
+            node = trie_.find(node, p[e]);
+            if (node == kNoRank) break;
+            const Rank r = node_rank_[node];
+            if (r != kNoRank) end = e + 1, end_rank = r;
+        }
+        if (s == chunk_start) chunk_token_end = end, chunk_token = end_rank;
+        if (end > reach) reach = end;
+    }
+    emit(chunk_start, n);
+}
+
+// tiktoken's scan over parts: token[i] is part i's rank, pair[i] the rank of parts i and i+1 joined. Each step finds
+// the lowest pair (leftmost on ties), joins it, and refreshes only the two pairs that touch the joined part.
+// Quadratic in the piece, so only for short pieces, where it beats a heap.
 void BytePairEncoder::merge_short(std::string_view piece, std::vector<Rank>& out) const {
     const size_t n = piece.size();
-    uint32_t start[kShortPiece + 1];
     Rank pair[kShortPiece + 1];
     Rank token[kShortPiece + 1];
-    const char* p = piece.data();
-    for (size_t i = 0; i < n; ++i) {
-        start[i] = static_cast<uint32_t>(i);
-        token[i] = byte_ranks_[static_cast<uint8_t>(p[i])];
-    }
-    start[n] = static_cast<uint32_t>(n);
+    const uint8_t* p = reinterpret_cast<const uint8_t*>(piece.data());
+    for (size_t i = 0; i < n; ++i) token[i] = byte_ranks_[p[i]];
     token[n] = kNoRank;
-    for (size_t i = 0; i + 1 < n; ++i) pair[i] = ranks_.find(p + i, 2);
+    for (size_t i = 0; i + 1 < n; ++i) pair[i] = byte_pair_ranks_[(size_t(p[i]) << 8) | p[i + 1]];
     pair[n - 1] = pair[n] = kNoRank;
     size_t parts = n;
     while (parts > 1) {
+        // Two passes: a branch-free minimum (vectorizes) and then the first position holding it (leftmost tie).
         Rank best = kNoRank;
-        size_t bi = 0;
-        for (size_t i = 0; i + 1 < parts; ++i) {
-            if (pair[i] < best) {
-                best = pair[i];
-                bi = i;
-            }
-        }
+        for (size_t i = 0; i + 1 < parts; ++i) best = pair[i] < best ? pair[i] : best;
         if (best == kNoRank) break;
+        size_t bi = 0;
+        while (pair[bi] != best) ++bi;
         token[bi] = best;
-        // Remove part bi+1 by shifting the tail left.
-        for (size_t j = bi + 1; j < parts; ++j) {
-            start[j] = start[j + 1];
-            token[j] = token[j + 1];
-            pair[j] = pair[j + 1];
-        }
+        // Remove part bi+1 by shifting the tail left (pair[parts-1] stays kNoRank).
+        std::memmove(token + bi + 1, token + bi + 2, (parts - bi - 1) * sizeof(Rank));
+        std::memmove(pair + bi + 1, pair + bi + 2, (parts - bi - 1) * sizeof(Rank));
         --parts;
-        // start[parts] is still the end sentinel n after the shift.
-        pair[bi] = bi + 1 < parts ? ranks_.find(p + start[bi], start[bi + 2] - start[bi]) : kNoRank;
-        if (bi > 0) pair[bi - 1] = ranks_.find(p + start[bi - 1], start[bi + 1] - start[bi - 1]);
+        pair[bi] = bi + 1 < parts ? pairs_.find(best, token[bi + 1]) : kNoRank;
+        if (bi > 0) pair[bi - 1] = pairs_.find(token[bi - 1], best);
     }
     out.insert(out.end(), token, token + parts);
 }
+
+namespace {
+// Per-thread scratch for long pieces, so the heap merge does not allocate per piece.
+struct LongScratch {
+    std::vector<uint32_t> next, prev;
+    std::vector<Rank> token, pair;
+    std::vector<uint64_t> heap;
+};
+}  // namespace
 
 // Heap over a doubly linked list of parts. A part is named by the byte offset where it starts (which never changes);
 // heap keys pack (pair rank << 32 | left part), so the minimum is the lowest rank and, among equal ranks, the
 // leftmost pair. Entries go stale when a neighbour merges; a popped entry is used only if its left part is alive and
 // its pair rank is still the one recorded (ranks are unique per byte string, so equal rank means the same pair).
+// O(n log n).
 void BytePairEncoder::merge_long(std::string_view piece, std::vector<Rank>& out) const {
     const size_t n = piece.size();
-    if (n >= UINT32_MAX) throw std::invalid_argument("piece too long");
-    const char* p = piece.data();
-    std::vector<uint32_t> next(n + 1), prev(n + 1);
-    std::vector<Rank> token(n), pair(n, kNoRank);
-    std::vector<uint8_t> alive(n + 1, 1);
-    std::vector<uint64_t> heap;
-    heap.reserve(n);
+    if (n >= UINT32_MAX) throw std::invalid_argument("piece longer than 4 GiB");
+    thread_local LongScratch scratch;
+    auto& next = scratch.next;
+    auto& prev = scratch.prev;
+    auto& token = scratch.token;
+    auto& pair = scratch.pair;
+    auto& heap = scratch.heap;
+    next.resize(n + 1);
+    prev.resize(n + 1);
+    token.resize(n);
+    pair.resize(n);
+    heap.clear();
+    const uint8_t* p = reinterpret_cast<const uint8_t*>(piece.data());
+    constexpr uint32_t kNone = UINT32_MAX;
     for (size_t i = 0; i < n; ++i) {
         next[i] = static_cast<uint32_t>(i + 1);
-        prev[i] = static_cast<uint32_t>(i == 0 ? UINT32_MAX : i - 1);
-        token[i] = byte_ranks_[static_cast<uint8_t>(p[i])];
+        prev[i] = i == 0 ? kNone : static_cast<uint32_t>(i - 1);
+        token[i] = byte_ranks_[p[i]];
     }
     for (size_t i = 0; i + 1 < n; ++i) {
-        pair[i] = ranks_.find(p + i, 2);
+        pair[i] = byte_pair_ranks_[(size_t(p[i]) << 8) | p[i + 1]];
         if (pair[i] != kNoRank) heap.push_back((static_cast<uint64_t>(pair[i]) << 32) | i);
     }
+    pair[n - 1] = kNoRank;
     auto cmp = [](uint64_t a, uint64_t b) { return a > b; };
     std::make_heap(heap.begin(), heap.end(), cmp);
-    // Rank of the pair starting at part `l` (whose right neighbour is next[l]), or kNoRank at the end.
-    auto pair_rank = [&](uint32_t l) -> Rank {
-        const uint32_t r = next[l];
-        if (r >= n) return kNoRank;
-        return ranks_.find(p + l, next[r] - l);
+    auto push = [&](uint32_t l) {
+        heap.push_back((static_cast<uint64_t>(pair[l]) << 32) | l);
+        std::push_heap(heap.begin(), heap.end(), cmp);
     };
     while (!heap.empty()) {
         std::pop_heap(heap.begin(), heap.end(), cmp);
@@ -241,27 +350,45 @@ void BytePairEncoder::merge_long(std::string_view piece, std::vector<Rank>& out)
         heap.pop_back();
         const Rank rank = static_cast<Rank>(key >> 32);
         const uint32_t l = static_cast<uint32_t>(key);
-        if (!alive[l] || pair[l] != rank) continue;
+        // pair[] of a dead part is kNoRank, so one comparison rejects both kinds of stale entry.
+        if (pair[l] != rank) continue;
         const uint32_t r = next[l];
         token[l] = rank;
-        alive[r] = 0;
-        next[l] = next[r];
-        if (next[r] < n) prev[next[r]] = l;
-        pair[l] = pair_rank(l);
-        if (pair[l] != kNoRank) {
-            heap.push_back((static_cast<uint64_t>(pair[l]) << 32) | l);
-            std::push_heap(heap.begin(), heap.end(), cmp);
+        pair[r] = kNoRank;  // r is gone
+        const uint32_t rr = next[r];
+        next[l] = rr;
+        if (rr < n) {
+            prev[rr] = l;
+            pair[l] = pairs_.find(rank, token[rr]);
+            if (pair[l] != kNoRank) push(l);
+        } else {
+            pair[l] = kNoRank;
         }
         const uint32_t pl = prev[l];
-        if (pl != UINT32_MAX) {
-            pair[pl] = pair_rank(pl);
-            if (pair[pl] != kNoRank) {
-                heap.push_back((static_cast<uint64_t>(pair[pl]) << 32) | pl);
-                std::push_heap(heap.begin(), heap.end(), cmp);
-            }
+        if (pl != kNone) {
+            pair[pl] = pairs_.find(token[pl], rank);
+            if (pair[pl] != kNoRank) push(pl);
         }
     }
     for (uint32_t i = 0; i < n; i = next[i]) out.push_back(token[i]);
+}
+
+void PairRankMap::build(const std::vector<std::pair<uint64_t, Rank>>& entries) {
+    size_t capacity = 16;
+    int bits = 4;
+    while (capacity < entries.size() * 2 + 2) capacity <<= 1, ++bits;
+    std::vector<Slot> slots(capacity);
+    const size_t mask = capacity - 1;
+    const int shift = 64 - bits;
+    for (const auto& [key, rank] : entries) {
+        size_t i = static_cast<size_t>((key * 0x9E3779B97F4A7C15ull) >> shift);
+        while (slots[i].key != kEmptyKey && slots[i].key != key) i = (i + 1) & mask;
+        slots[i].key = key;
+        slots[i].rank = rank;
+    }
+    slots_ = std::move(slots);
+    mask_ = mask;
+    shift_ = shift;
 }
 
 }  // namespace llmfast

@@ -57,12 +57,42 @@ class BytesRankMap {
     size_t count_ = 0;
 };
 
+// Open-addressing hash table from a pair of token ranks to the rank of their concatenated bytes. Since every part
+// of a piece is a token, the merge loop looks pairs up here and never touches bytes: one multiply to hash, one
+// 16-byte slot to compare.
+class PairRankMap {
+   public:
+    void build(const std::vector<std::pair<uint64_t, Rank>>& entries);
+    Rank find(Rank left, Rank right) const {
+        const uint64_t key = (static_cast<uint64_t>(left) << 32) | right;
+        for (size_t i = static_cast<size_t>((key * 0x9E3779B97F4A7C15ull) >> shift_);; i = (i + 1) & mask_) {
+            const Slot& s = slots_[i];
+            if (s.key == key) return s.rank;
+            if (s.key == kEmptyKey) return kNoRank;
+        }
+    }
+    size_t memory_bytes() const { return slots_.size() * sizeof(Slot); }
+
+   private:
+    static constexpr uint64_t kEmptyKey = UINT64_MAX;  // (kNoRank, kNoRank) is never a real pair
+    struct Slot {
+        uint64_t key = kEmptyKey;
+        Rank rank = kNoRank;
+    };
+    std::vector<Slot> slots_ = std::vector<Slot>(2);
+    size_t mask_ = 1;
+    int shift_ = 63;
+};
+
 // The merge engine over one vocabulary. Thread-safe for concurrent encodes once built (read-only).
 class BytePairEncoder {
    public:
-    // Pieces up to this many bytes use the simple scan (quadratic in the piece, but with tiny constants); longer
-    // pieces use a heap over a linked list of parts, O(n log n).
-    static constexpr size_t kShortPiece = 96;
+    // Pieces up to kShortPiece bytes use the simple scan (quadratic in the piece, with tiny constants). Longer ones
+    // up to kChunkPiece are first cut where no vocabulary token spans the cut (no merge can cross it), and each
+    // chunk is merged on its own (CJK runs cut into about one chunk per character). Longer pieces use a heap over a
+    // linked list of parts, O(n log n).
+    static constexpr size_t kShortPiece = 12;
+    static constexpr size_t kChunkPiece = 1024;
 
     BytePairEncoder() = default;
     // Throws std::invalid_argument on duplicate ranks, a missing single byte, or a byte string too large to index.
@@ -81,8 +111,23 @@ class BytePairEncoder {
    private:
     void merge_short(std::string_view piece, std::vector<Rank>& out) const;
     void merge_long(std::string_view piece, std::vector<Rank>& out) const;
+    void merge_chunked(std::string_view piece, std::vector<Rank>& out) const;
+    // Merge a chunk already known not to be one token.
+    void merge_any(std::string_view piece, std::vector<Rank>& out) const {
+        if (piece.size() <= kShortPiece)
+            merge_short(piece, out);
+        else
+            merge_long(piece, out);
+    }
 
     BytesRankMap ranks_;
+    PairRankMap pairs_;
+    std::vector<Rank> byte_pair_ranks_;
+    // Byte trie of all tokens: root_child_[b] and trie_ (node, byte) -> child; node_rank_[node] is the rank of the
+    // token spelled by the path to node, or kNoRank.
+    uint32_t root_child_[256] = {};
+    PairRankMap trie_;
+    std::vector<Rank> node_rank_;  // rank of each two-byte string (65536 entries): the first merges
     Rank byte_ranks_[256] = {};
     Rank max_rank_ = 0;
 };
