@@ -17,13 +17,16 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 import llmfast
 from llmfast import _backend
 from llmfast.models.gpt import GPT, GPTConfig
+
+if TYPE_CHECKING:
+    from llmfast.tokenizer import Encoding
 
 CHECKPOINT_FORMAT = "llmfast-gpt"
 WEIGHTS_FILE = "model.safetensors"
@@ -39,9 +42,9 @@ class CliError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tokenizers. Each one turns text into ids and back, and says how to rebuild it from a checkpoint, so that
-# generate and eval decode with the tokenizer the model was trained with. Adding one is one class and one entry in
-# TOKENIZERS.
+# Tokenizers. Each one turns text into ids and back, records itself in the checkpoint's config and rebuilds from
+# it, so that generate and eval use the tokenizer the model was trained with. Adding one is a class with
+# train/load/config/encode/decode and an entry in tokenizer_classes().
 
 
 class ByteTokenizer:
@@ -51,7 +54,7 @@ class ByteTokenizer:
     vocab_size = 256
 
     @classmethod
-    def train(cls, text: str, out_dir: Path) -> ByteTokenizer:
+    def train(cls, name: str, text: str, out_dir: Path, args: argparse.Namespace) -> ByteTokenizer:
         return cls()
 
     @classmethod
@@ -69,15 +72,88 @@ class ByteTokenizer:
         return bytes(ids).decode("utf-8", errors="replace")
 
 
-TOKENIZERS = {"bytes": ByteTokenizer}
+class NamedBPETokenizer:
+    """A published BPE vocabulary (``cl100k_base``, ``o200k_base``, ...) through :mod:`llmfast.tokenizer`."""
+
+    def __init__(self, encoding: Encoding) -> None:
+        self.encoding = encoding
+        self.name = encoding.name
+        self.vocab_size = encoding.n_vocab
+
+    @classmethod
+    def named(cls, name: str) -> NamedBPETokenizer:
+        from llmfast.tokenizer import VocabularyNotFoundError, get_encoding
+
+        try:
+            return cls(get_encoding(name))
+        except VocabularyNotFoundError as exc:
+            raise CliError(f"tokenizer {name}: {str(exc).splitlines()[0]}") from None
+
+    @classmethod
+    def train(cls, name: str, text: str, out_dir: Path, args: argparse.Namespace) -> NamedBPETokenizer:
+        return cls.named(name)
+
+    @classmethod
+    def load(cls, meta: dict, checkpoint_dir: Path) -> NamedBPETokenizer:
+        return cls.named(meta["name"])
+
+    def config(self) -> dict:
+        return {"name": self.name, "vocab_size": self.vocab_size}
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)  # special-token text is ordinary text in a training corpus
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.encoding.decode(ids, errors="replace")
 
 
-def load_tokenizer(meta: object, checkpoint_dir: Path) -> ByteTokenizer:
+class TrainedBPETokenizer(NamedBPETokenizer):
+    """A BPE vocabulary trained on the training text (``--vocab-size`` tokens), saved beside the weights."""
+
+    FILE = "tokenizer.tiktoken"
+
+    @classmethod
+    def train(cls, name: str, text: str, out_dir: Path, args: argparse.Namespace) -> TrainedBPETokenizer:
+        from llmfast.tokenizer import train_bpe
+
+        tokenizer = cls(train_bpe(text, args.vocab_size))
+        tokenizer.encoding.save(str(out_dir / cls.FILE))
+        return tokenizer
+
+    @classmethod
+    def load(cls, meta: dict, checkpoint_dir: Path) -> TrainedBPETokenizer:
+        from llmfast.tokenizer import Encoding, load_tiktoken_bpe
+
+        ranks = load_tiktoken_bpe(str(checkpoint_dir / meta["file"]))
+        return cls(Encoding("bpe", pat_str=meta["pat_str"], mergeable_ranks=ranks,
+                            special_tokens=meta["special_tokens"]))
+
+    def config(self) -> dict:
+        return {"name": "bpe", "vocab_size": self.vocab_size, "file": self.FILE,
+                "pat_str": self.encoding.pat_str, "special_tokens": self.encoding.special_tokens}
+
+
+def tokenizer_classes() -> dict[str, type]:
+    """Every ``--tokenizer`` choice and the class that makes it."""
+    import llmfast.tokenizer as bpe
+
+    choices: dict[str, type] = {"bytes": ByteTokenizer}
+    if hasattr(bpe, "train_bpe"):
+        choices["bpe"] = TrainedBPETokenizer
+    choices.update((name, NamedBPETokenizer) for name in bpe.list_encoding_names())
+    return choices
+
+
+def load_tokenizer(meta: object, checkpoint_dir: Path) -> ByteTokenizer | NamedBPETokenizer:
+    classes = tokenizer_classes()
     name = meta.get("name") if isinstance(meta, dict) else None
-    if name not in TOKENIZERS:
-        raise CliError(f"{checkpoint_dir}: unknown tokenizer {name!r} in {CONFIG_FILE} "
-                       f"(accepts {', '.join(TOKENIZERS)})")
-    return TOKENIZERS[name].load(meta, checkpoint_dir)
+    if name not in classes:
+        raise CliError(f"checkpoint {checkpoint_dir}: unknown tokenizer {name!r} in {CONFIG_FILE} "
+                       f"(accepts {', '.join(classes)})")
+    try:
+        return classes[name].load(meta, checkpoint_dir)
+    except (KeyError, TypeError, ValueError, OSError) as exc:
+        raise CliError(f"checkpoint {checkpoint_dir}: cannot load tokenizer {name!r} ({exc})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -109,7 +185,7 @@ def read_text(path: str, flag: str = "--data") -> str:
         raise CliError(f"{flag} {path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
 
 
-def save_checkpoint(model: GPT, tokenizer: ByteTokenizer, out_dir: Path, training: dict) -> None:
+def save_checkpoint(model: GPT, tokenizer: ByteTokenizer | NamedBPETokenizer, out_dir: Path, training: dict) -> None:
     from safetensors.torch import save_model
 
     save_model(model, str(out_dir / WEIGHTS_FILE))  # stores the tied embedding/head matrix once
@@ -123,7 +199,7 @@ def save_checkpoint(model: GPT, tokenizer: ByteTokenizer, out_dir: Path, trainin
     (out_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def load_checkpoint(directory: str, device: torch.device) -> tuple[GPT, ByteTokenizer, dict]:
+def load_checkpoint(directory: str, device: torch.device) -> tuple[GPT, ByteTokenizer | NamedBPETokenizer, dict]:
     from safetensors.torch import load_model
 
     ckpt = Path(directory)
@@ -237,7 +313,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CliError(f"--n-embd must be a multiple of --n-head, got --n-embd {args.n_embd} and "
                        f"--n-head {args.n_head}", exit_code=2)
     torch.manual_seed(args.seed)
-    tokenizer = TOKENIZERS[args.tokenizer].train(text, out_dir)
+    try:
+        tokenizer = tokenizer_classes()[args.tokenizer].train(args.tokenizer, text, out_dir, args)
+    except ValueError as exc:  # e.g. a --vocab-size the BPE trainer refuses
+        raise CliError(f"--tokenizer {args.tokenizer}: {exc}") from None
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     train_ids, val_ids = split_train_val(ids, args.block_size)
     config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
@@ -406,7 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", help="UTF-8 text file (default: Python's built-in pydoc_data.topics)")
     train.add_argument("--out", required=True, help="directory for model.safetensors and config.json")
     train.add_argument("--steps", type=non_negative_int, default=300, help="optimizer steps (default 300)")
-    train.add_argument("--tokenizer", default="bytes", choices=sorted(TOKENIZERS), help="default bytes")
+    train.add_argument("--tokenizer", default="bytes", choices=list(tokenizer_classes()),
+                       help="bytes (default, 256 tokens), bpe (trained on the text, if available) or a published "
+                            "vocabulary found offline")
+    train.add_argument("--vocab-size", type=positive_int, default=512, help="for --tokenizer bpe (default 512)")
     train.add_argument("--n-layer", type=positive_int, default=defaults.n_layer)
     train.add_argument("--n-head", type=positive_int, default=defaults.n_head)
     train.add_argument("--n-embd", type=positive_int, default=defaults.n_embd)
