@@ -65,21 +65,20 @@ ROW_TILES: dict[str, Tile] = {
     "row_c128": Tile(16, 128, 4),
     "row_c256": Tile(8, 256, 4),
     "row_c512": Tile(4, 512, 8),
-    "row_c1024": Tile(2, 1024, 4),
+    "row_c1024": Tile(2, 1024, 8),
     "row_c2048": Tile(1, 2048, 4),
     "row_c4096": Tile(1, 4096, 8),
     "row_c8192": Tile(1, 8192, 8),
-    "row_c16384": Tile(1, 16384, 16),
+    "row_c16384": Tile(1, 16384, 32),
 }
 # Rows along another dim (columns strided, consecutive rows contiguous): the tile's first axis runs over
 # consecutive rows so loads coalesce: 32 rows (a 128-byte line of fp32) up to 128 columns, then 16 and 8 rows
-# (a 32-byte sector). With fewer than MIN_STRIDED_ROWS such rows the row tiles serve, columns read by stride.
+# (a 32-byte sector). With fewer than MIN_STRIDED_ROWS such rows the row tiles serve, columns read by stride;
+# so do masked inputs (the mask variants are built for the row tiles only).
 MIN_STRIDED_ROWS = 8
 MAX_SINGLE_PASS_STRIDED_COLS = 1024
 STRIDED_TILES: dict[str, Tile] = {
-    "strided_c16": Tile(32, 16, 4),
     "strided_c32": Tile(32, 32, 4),
-    "strided_c64": Tile(32, 64, 4),
     "strided_c128": Tile(32, 128, 8),
     "strided_c256": Tile(16, 256, 8),
     "strided_c512": Tile(8, 512, 8),
@@ -101,6 +100,9 @@ MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
+#
+# Runtime flags (causal, zero_empty_rows, segmented, q_len) are excluded from Triton's specialisation of ints equal
+# to 1, so each kernel compiles once per tile and dtype: the variants compile_specs lists.
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -139,7 +141,7 @@ def _scores(x_ptrs, mask_ptrs, valid, rows, cols, n_cols, scale, causal, q_len, 
     return tl.where(valid & visible, s, float("-inf"))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["causal", "q_len", "zero_empty_rows"])
 def _softmax_fwd_kernel(
     out_ptr, x_ptr, mask_ptr,
     n_mid, n_inner, n_cols,
@@ -235,7 +237,7 @@ def _online_stats(x_ptr, mask_ptr, outer, mid, rows, row_ok, col_start, length, 
     return row_max, tl.sum(run_sum * lane_weight, axis=1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["causal", "q_len"])
 def _softmax_fwd_stats_kernel(
     max_ptr, sum_ptr, x_ptr, mask_ptr,
     n_mid, n_inner, n_cols, n_segments, segment_len,
@@ -269,7 +271,7 @@ def _merge_segment_stats(max_ptr, sum_ptr, flat_rows, row_ok, n_segments, MAX_SE
     return row_max, tl.sum(seg_sum * weight, axis=1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["causal", "q_len", "zero_empty_rows", "segmented"])
 def _softmax_fwd_looped_kernel(
     out_ptr, x_ptr, mask_ptr, max_ptr, sum_ptr,
     n_mid, n_inner, n_cols, n_segments, segment_len,
@@ -277,18 +279,19 @@ def _softmax_fwd_looped_kernel(
     out_s_outer, out_s_mid, out_s_row, out_s_col,
     mask_s_outer, mask_s_mid, mask_s_row, mask_s_col,
     scale, causal, q_len, zero_empty_rows,
+    segmented,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, LOG: tl.constexpr, MASK_MODE: tl.constexpr,
-    SEGMENTED: tl.constexpr, MAX_SEGS: tl.constexpr,
+    MAX_SEGS: tl.constexpr,
 ):
     """Looped online softmax for long rows: get the row's (max, sum), then loop again to write the output.
 
-    SEGMENTED=False: one program per row block loops over the whole row twice; the second read comes from L2,
-    which still holds the row the program just read. SEGMENTED=True (few rows): the statistics come from
-    ``_softmax_fwd_stats_kernel`` and this program writes only its segment.
+    ``segmented == 0``: one program per row block loops over the whole row twice; the second read comes from
+    L2, which still holds the row the program just read. ``segmented != 0`` (few rows): the statistics come
+    from ``_softmax_fwd_stats_kernel`` and this program writes only its segment.
     """
     segment, outer, mid, rows, flat_rows = _segment_program(tl.program_id(0), n_segments, n_mid, n_inner, BLOCK_R)
     row_ok = rows < n_inner
-    if SEGMENTED:
+    if segmented != 0:
         row_max, row_sum = _merge_segment_stats(max_ptr, sum_ptr, flat_rows, row_ok, n_segments, MAX_SEGS)
     else:
         row_max, row_sum = _online_stats(
@@ -353,7 +356,7 @@ def _softmax_bwd_stats_kernel(
     tl.store(dot_ptr + flat_rows * n_segments + segment, dot, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["segmented"])
 def _softmax_bwd_looped_kernel(
     dx_ptr, y_ptr, dy_ptr, dot_ptr,
     n_mid, n_inner, n_cols, n_segments, segment_len,
@@ -361,13 +364,13 @@ def _softmax_bwd_looped_kernel(
     y_s_outer, y_s_mid, y_s_row, y_s_col,
     dy_s_outer, dy_s_mid, dy_s_row, dy_s_col,
     scale,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, LOG: tl.constexpr, SEGMENTED: tl.constexpr,
-    MAX_SEGS: tl.constexpr,
+    segmented,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, LOG: tl.constexpr, MAX_SEGS: tl.constexpr,
 ):
     """Backward for long rows: the row's sum (looped here, or merged from the segments), then dx."""
     segment, outer, mid, rows, flat_rows = _segment_program(tl.program_id(0), n_segments, n_mid, n_inner, BLOCK_R)
     row_ok = rows < n_inner
-    if SEGMENTED:
+    if segmented != 0:
         segs = tl.arange(0, MAX_SEGS)
         ok = row_ok[:, None] & (segs < n_segments)[None, :]
         dot = tl.sum(tl.load(dot_ptr + flat_rows[:, None] * n_segments + segs[None, :], mask=ok, other=0.0), axis=1)
@@ -442,7 +445,8 @@ def pick_tile(n_cols: int, strided: bool) -> tuple[str, Tile, bool]:
     """The tile for rows of ``n_cols``: (config name, tile, looped). ``strided``: columns are not contiguous."""
     if strided:
         if n_cols <= MAX_SINGLE_PASS_STRIDED_COLS:
-            name = f"strided_c{max(16, triton.next_power_of_2(n_cols))}"
+            width = triton.next_power_of_2(n_cols)
+            name = next(n for n, t in STRIDED_TILES.items() if t.block_c >= width)
             return name, STRIDED_TILES[name], False
         return "looped_strided", LOOPED_TILES["looped_strided"], True
     if n_cols <= MAX_SINGLE_PASS_COLS:
@@ -487,7 +491,7 @@ def _run_forward(x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None, 
     mask_mode = MASK_NONE if mask is None else MASK_BOOL if mask.dtype == torch.bool else MASK_ADD
     mask_arg = _as_kernel_arg(mask) if mask is not None else x
     mask_strides = rows.strides[2] if mask is not None else (0, 0, 0, 0)
-    _, tile, looped = pick_tile(rows.n_cols, _is_strided(rows, 0))
+    _, tile, looped = pick_tile(rows.n_cols, mask is None and _is_strided(rows, 0))
     row_programs = _grid_rows(rows, tile)
     common = dict(scale=float(scale), causal=int(causal), q_len=max(1, q_len))
     if not looped:
@@ -513,7 +517,7 @@ def _run_forward(x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None, 
     _softmax_fwd_looped_kernel[grid](
         out, x, mask_arg, seg_max, seg_sum, rows.n_mid, rows.n_inner, rows.n_cols, n_segments, segment_len,
         *rows.strides[0], *rows.strides[1], *mask_strides, **common, zero_empty_rows=int(zero_empty_rows),
-        BLOCK_R=tile.block_r, BLOCK_C=tile.block_c, LOG=log, MASK_MODE=mask_mode, SEGMENTED=n_segments > 1,
+        segmented=int(n_segments > 1), BLOCK_R=tile.block_r, BLOCK_C=tile.block_c, LOG=log, MASK_MODE=mask_mode,
         MAX_SEGS=MAX_SEGMENTS, num_warps=tile.num_warps)
 
 
@@ -543,8 +547,8 @@ def _run_backward(y: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, *, op: st
     _backend.record_kernel_launch(f"{op}_bwd_looped")
     _softmax_bwd_looped_kernel[grid](
         dx, y, dy, dot, rows.n_mid, rows.n_inner, rows.n_cols, n_segments, segment_len, *rows.strides[0],
-        *rows.strides[1], *rows.strides[2], float(scale), BLOCK_R=tile.block_r, BLOCK_C=tile.block_c, LOG=log,
-        SEGMENTED=n_segments > 1, MAX_SEGS=MAX_SEGMENTS, num_warps=tile.num_warps)
+        *rows.strides[1], *rows.strides[2], float(scale), int(n_segments > 1), BLOCK_R=tile.block_r,
+        BLOCK_C=tile.block_c, LOG=log, MAX_SEGS=MAX_SEGMENTS, num_warps=tile.num_warps)
 
 
 def _last(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -808,33 +812,35 @@ def compile_specs() -> list[KernelSpec]:
         consts = {"BLOCK_R": tile.block_r, "BLOCK_C": tile.block_c, **constexprs, **ones_c}
         specs.append(KernelSpec(name, fn, sig, consts, f"{cfg}_{t}", num_warps=tile.num_warps))
 
-    tiles = [("row", n, t) for n, t in ROW_TILES.items()] + [("strided", n, t) for n, t in STRIDED_TILES.items()]
+    row_tiles = [("row", n, t) for n, t in ROW_TILES.items()]
+    strided_tiles = [("strided", n, t) for n, t in STRIDED_TILES.items()]
+    looped = {"looped_row": ("row", LOOPED_TILES["looped_row"]),
+              "looped_strided": ("strided", LOOPED_TILES["looped_strided"])}
     for t in COMPILE_DTYPES:
         for variant, log, mask_mode in _FWD_VARIANTS:
             ptrs = {"out_ptr": f"*{t}", "x_ptr": f"*{t}", "mask_ptr": "*u8" if mask_mode == MASK_BOOL else f"*{t}",
                     "max_ptr": "*fp32", "sum_ptr": "*fp32"}
-            strides = ("x", "out", "mask") if mask_mode != MASK_NONE else ("x", "out")
-            for kind, cfg, tile in tiles:
+            masked = mask_mode != MASK_NONE
+            strides = ("x", "out", "mask") if masked else ("x", "out")
+            # Masked inputs always take the row tiles (see STRIDED_TILES).
+            for kind, cfg, tile in row_tiles + ([] if masked else strided_tiles):
                 add(f"{variant}_fwd", _softmax_fwd_kernel, kind, cfg, tile, t, ptrs, strides, LOG=log,
                     MASK_MODE=mask_mode)
-            for cfg, tile in LOOPED_TILES.items():
-                kind = "row" if cfg == "looped_row" else "strided"
+            for cfg, (kind, tile) in looped.items():
+                if masked and kind == "strided":
+                    continue
                 if not log:  # the statistics pass does not depend on LOG
                     add(f"{variant}_fwd_looped_stats", _softmax_fwd_stats_kernel, kind, cfg, tile, t, ptrs, strides,
                         MASK_MODE=mask_mode)
-                for segmented in (False, True):
-                    add(f"{variant}_fwd_looped{'_segmented' if segmented else ''}", _softmax_fwd_looped_kernel, kind,
-                        cfg, tile, t, ptrs, strides, LOG=log, MASK_MODE=mask_mode, SEGMENTED=segmented,
-                        MAX_SEGS=MAX_SEGMENTS)
+                add(f"{variant}_fwd_looped", _softmax_fwd_looped_kernel, kind, cfg, tile, t, ptrs, strides,
+                    LOG=log, MASK_MODE=mask_mode, MAX_SEGS=MAX_SEGMENTS)
         ptrs = {"dx_ptr": f"*{t}", "y_ptr": f"*{t}", "dy_ptr": f"*{t}", "dot_ptr": "*fp32"}
         for variant, log in _BWD_VARIANTS:
-            for kind, cfg, tile in tiles:
+            for kind, cfg, tile in row_tiles + strided_tiles:
                 add(f"{variant}_bwd", _softmax_bwd_kernel, kind, cfg, tile, t, ptrs, ("dx", "y", "dy"), LOG=log)
-            for cfg, tile in LOOPED_TILES.items():
-                kind = "row" if cfg == "looped_row" else "strided"
+            for cfg, (kind, tile) in looped.items():
                 add(f"{variant}_bwd_looped_stats", _softmax_bwd_stats_kernel, kind, cfg, tile, t, ptrs,
                     ("dx", "y", "dy"), LOG=log)
-                for segmented in (False, True):
-                    add(f"{variant}_bwd_looped{'_segmented' if segmented else ''}", _softmax_bwd_looped_kernel, kind,
-                        cfg, tile, t, ptrs, ("dx", "y", "dy"), LOG=log, SEGMENTED=segmented, MAX_SEGS=MAX_SEGMENTS)
+                add(f"{variant}_bwd_looped", _softmax_bwd_looped_kernel, kind, cfg, tile, t, ptrs,
+                    ("dx", "y", "dy"), LOG=log, MAX_SEGS=MAX_SEGMENTS)
     return specs
