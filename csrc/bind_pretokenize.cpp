@@ -84,6 +84,17 @@ void bind_pretokenize(py::module_& m) {
         "[begin, end) byte offsets of the pieces of the bytes `data` (any bytes; invalid UTF-8 is scanned as U+FFFD "
         "units of one byte).");
     m.def(
+        "pretokenize_count",
+        [](const std::string& kind, const py::bytes& data) {
+            const PatternKind k = parse_kind(kind);
+            const std::string bytes = data;
+            py::gil_scoped_release release;
+            size_t count = 0;
+            for_each_piece(k, bytes, [&count](size_t, size_t) { ++count; });
+            return count;
+        },
+        py::arg("kind"), py::arg("data"), "Number of pieces of the bytes `data` (scans without building a list).");
+    m.def(
         "recognize_pattern",
         [](const std::string& pat_str) -> std::optional<std::string> {
             const auto kind = recognize_pattern(pat_str);
