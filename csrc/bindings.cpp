@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "encoder.h"
+#include "train_bpe.h"
 
 
 namespace py = pybind11;
@@ -532,6 +533,54 @@ PYBIND11_MODULE(_C, m) {
             },
             py::arg("batch"), py::arg("num_threads") = 8)
         .def("decode_single_token_bytes", &CoreBPE::decode_single_token_bytes, py::arg("token"));
+
+    py::class_<llmfast::BpeTrainer>(m, "BpeTrainer", "Counts pre-tokenized pieces and learns byte-level BPE merges.")
+        .def(py::init([](py::object pattern) {
+                 py::object holder;
+                 std::string pat = pattern.is_none() ? std::string() : std::string(utf8_of(pattern, "pat_str", holder));
+                 return std::make_unique<llmfast::BpeTrainer>(pat);
+             }),
+             py::arg("pat_str"))
+        .def_property_readonly("has_native_pattern", &llmfast::BpeTrainer::has_native_pattern)
+        .def_property_readonly("distinct_pieces", &llmfast::BpeTrainer::distinct_pieces)
+        .def(
+            "add_text",
+            [](llmfast::BpeTrainer& t, py::handle text) {
+                if (!t.has_native_pattern()) throw py::value_error("add_text needs a pattern with a native pre-tokenizer");
+                py::object holder;
+                std::string_view v = utf8_of(text, "text", holder);
+                py::gil_scoped_release release;
+                t.add_text(v);
+            },
+            py::arg("text"), "Pre-tokenize text natively (GIL released) and count its pieces.")
+        .def(
+            "add_piece_counts",
+            [](llmfast::BpeTrainer& t, py::dict counts) {
+                for (auto item : counts) {
+                    py::object holder;
+                    std::string_view piece = PyBytes_Check(item.first.ptr()) ? bytes_of(item.first, "piece")
+                                                                             : utf8_of(item.first, "piece", holder);
+                    if (!PyLong_Check(item.second.ptr())) throw py::type_error("piece counts must be ints");
+                    const long long c = PyLong_AsLongLong(item.second.ptr());
+                    if (c == -1 && PyErr_Occurred()) throw py::error_already_set();
+                    if (c < 0) throw py::value_error("piece counts must be non-negative");
+                    t.add_piece(piece, static_cast<uint64_t>(c));
+                }
+            },
+            py::arg("counts"), "Count already split pieces: {piece (str or bytes): count}.")
+        .def(
+            "train",
+            [](llmfast::BpeTrainer& t, size_t n_merges) {
+                std::vector<std::string> merges;
+                {
+                    py::gil_scoped_release release;
+                    merges = t.train(n_merges);
+                }
+                py::list out;
+                for (const auto& m : merges) out.append(py::bytes(m));
+                return out;
+            },
+            py::arg("n_merges"), "Learn up to n_merges merges; the new tokens' bytes in rank order (from 256).");
 
     m.def("hardware_threads", [] { return std::max(1u, std::thread::hardware_concurrency()); });
 

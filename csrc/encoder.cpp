@@ -104,10 +104,10 @@ bool Encoder::find_special(std::string_view text, size_t from, const uint8_t* ma
 
 void Encoder::encode_segment(std::string_view segment, std::vector<Rank>& out) const {
 #if LLMFAST_HAVE_PRETOKENIZE
-    thread_local std::vector<std::pair<size_t, size_t>> pieces;
-    pieces.clear();
-    pretokenize(static_cast<PatternKind>(pattern_kind_), segment, pieces);
-    for (const auto& [start, end] : pieces) bpe_.encode_piece(segment.substr(start, end - start), out);
+    // Pieces are merged as the scanner finds them: no piece list in between.
+    const char* base = segment.data();
+    for_each_piece(static_cast<PatternKind>(pattern_kind_), segment,
+                   [&](size_t begin, size_t end) { bpe_.encode_piece(std::string_view(base + begin, end - begin), out); });
 #else
     (void)segment;
     (void)out;

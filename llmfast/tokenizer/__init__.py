@@ -13,6 +13,7 @@ from ``.tiktoken`` files, GPT-2's ``encoder.json``/``vocab.bpe`` and Hugging Fac
 from llmfast.tokenizer.core import Encoding, InvalidTokenError, raise_disallowed_special_token
 from llmfast.tokenizer.hf import bytes_to_unicode, from_gpt2_files, from_tokenizer_json
 from llmfast.tokenizer.load import load_tiktoken_bpe, parse_tiktoken_bpe, save_tiktoken_bpe
+from llmfast.tokenizer.train import train_bpe
 from llmfast.tokenizer.registry import (
     CL100K_PAT_STR,
     O200K_PAT_STR,
@@ -35,6 +36,7 @@ __all__ = [
     "load_tiktoken_bpe",
     "parse_tiktoken_bpe",
     "save_tiktoken_bpe",
+    "train_bpe",
     "from_tokenizer_json",
     "from_gpt2_files",
     "bytes_to_unicode",
