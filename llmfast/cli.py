@@ -299,6 +299,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     device = resolve_device(args.device)
+    if args.n_embd % args.n_head != 0:
+        raise CliError(f"--n-embd must be a multiple of --n-head, got --n-embd {args.n_embd} and "
+                       f"--n-head {args.n_head}", exit_code=2)
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise CliError(f"--out {args.out}: exists and is not a directory")
@@ -309,9 +312,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CliError(f"--out {args.out}: cannot create it ({exc.strerror})") from None
 
-    if args.n_embd % args.n_head != 0:
-        raise CliError(f"--n-embd must be a multiple of --n-head, got --n-embd {args.n_embd} and "
-                       f"--n-head {args.n_head}", exit_code=2)
     torch.manual_seed(args.seed)
     try:
         tokenizer = tokenizer_classes()[args.tokenizer].train(args.tokenizer, text, out_dir, args)
