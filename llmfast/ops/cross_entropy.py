@@ -35,6 +35,7 @@ import triton.language as tl
 
 from llmfast import _backend, _validation
 from llmfast.ops._spec import KernelSpec
+from llmfast.ops.softmax import cast_out
 from llmfast.reference import cross_entropy as reference
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -102,7 +103,7 @@ def _cross_entropy_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         ok = cols < n_read
         x = tl.load(logits_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
-        new_max = tl.maximum(run_max, x)
+        new_max = tl.maximum(run_max, x, propagate_nan=tl.PropagateNan.ALL)  # NaN must stick
         seen = new_max != float("-inf")  # a lane that has seen only -inf keeps sum 0, not NaN
         run_sum = tl.where(seen, run_sum * tl.exp(run_max - new_max) + tl.exp(x - new_max), 0.0)
         run_max = new_max
@@ -137,7 +138,7 @@ def _cross_entropy_kernel(
             else:
                 g = tl.where(cols == target, g - 1.0, g)
             g = tl.where(active, g * scale, 0.0)
-            tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=in_row)
+            tl.store(grad_row + cols, cast_out(g, grad_ptr.dtype.element_ty), mask=in_row)
 
 
 def _cross_entropy_rows_triton(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,

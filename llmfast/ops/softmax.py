@@ -107,6 +107,18 @@ MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 
 
 @triton.jit
+def cast_out(y, OUT_DTYPE: tl.constexpr):
+    """fp32 -> the output dtype, rounding to nearest even. For bf16 the rounding is done on the bits first (then
+    the cast is exact): Triton's interpreter truncates fp32 -> bf16, while GPUs round, so this keeps the tested
+    code and the GPU code identical at the cost of three integer ops."""
+    if OUT_DTYPE == tl.bfloat16:
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        y = tl.where(y != y, y, bits.to(tl.float32, bitcast=True))
+    return y.to(OUT_DTYPE)
+
+
+@triton.jit
 def _program_rows(pid, n_mid, n_inner, BLOCK_R: tl.constexpr):
     """Split a program id into (outer, middle) indices and the block of inner rows it owns."""
     n_row_blocks = tl.cdiv(n_inner, BLOCK_R)
@@ -172,7 +184,7 @@ def _softmax_fwd_kernel(
     empty = (row_max == float("-inf")) & (zero_empty_rows != 0)
     y = tl.where(empty[:, None], 0.0, y)
     out_ptrs = _tile_ptrs(out_ptr, outer, mid, rows, cols, out_s_outer, out_s_mid, out_s_row, out_s_col)
-    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=valid)
+    tl.store(out_ptrs, cast_out(y, out_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -198,7 +210,7 @@ def _softmax_bwd_kernel(
     else:
         dx = y * (dy - tl.sum(dy * y, axis=1)[:, None])
     dx_ptrs = _tile_ptrs(dx_ptr, outer, mid, rows, cols, dx_s_outer, dx_s_mid, dx_s_row, dx_s_col)
-    tl.store(dx_ptrs, (dx * scale).to(dx_ptr.dtype.element_ty), mask=valid)
+    tl.store(dx_ptrs, cast_out(dx * scale, dx_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -227,7 +239,7 @@ def _online_stats(x_ptr, mask_ptr, outer, mid, rows, row_ok, col_start, length, 
         x_ptrs = _tile_ptrs(x_ptr, outer, mid, rows, cols, x_s_outer, x_s_mid, x_s_row, x_s_col)
         mask_ptrs = _tile_ptrs(mask_ptr, outer, mid, rows, cols, mask_s_outer, mask_s_mid, mask_s_row, mask_s_col)
         s = _scores(x_ptrs, mask_ptrs, valid, rows, cols, n_cols, scale, causal, q_len, MASK_MODE)
-        new_max = tl.maximum(run_max, s)
+        new_max = tl.maximum(run_max, s, propagate_nan=tl.PropagateNan.ALL)  # NaN must stick
         # A lane that has seen only -inf keeps sum 0 (exp(-inf - -inf) would be NaN).
         seen = new_max != float("-inf")
         run_sum = tl.where(seen, run_sum * tl.exp(run_max - new_max) + tl.exp(s - new_max), 0.0)
@@ -316,7 +328,7 @@ def _softmax_fwd_looped_kernel(
             y = tl.exp(shifted) * inv_sum[:, None]
         y = tl.where(empty[:, None], 0.0, y)
         out_ptrs = _tile_ptrs(out_ptr, outer, mid, rows, cols, out_s_outer, out_s_mid, out_s_row, out_s_col)
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=valid)
+        tl.store(out_ptrs, cast_out(y, out_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -391,7 +403,7 @@ def _softmax_bwd_looped_kernel(
         else:
             dx = y * (dy - dot[:, None])
         dx_ptrs = _tile_ptrs(dx_ptr, outer, mid, rows, cols, dx_s_outer, dx_s_mid, dx_s_row, dx_s_col)
-        tl.store(dx_ptrs, (dx * scale).to(dx_ptr.dtype.element_ty), mask=valid)
+        tl.store(dx_ptrs, cast_out(dx * scale, dx_ptr.dtype.element_ty), mask=valid)
 
 
 # ----------------------------------------------------------------------------------------------------------------
