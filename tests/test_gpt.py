@@ -277,8 +277,9 @@ def test_trains_under_the_triton_backend():
             losses.append(loss.item())
     assert abs(losses[0] - reference_loss) < 1e-4
     assert losses[-1] < losses[0], losses
-    launches = llmfast.kernel_launch_counts()
-    assert sum(launches.values()) > 0, "no Triton kernel ran under backend 'triton'"
+    ran = {name for name, count in llmfast.kernel_launch_counts().items() if count > 0}
+    for kernel in ("attention_fwd", "attention_bwd", "cross_entropy"):
+        assert any(name.startswith(kernel) for name in ran), f"no {kernel}* Triton kernel ran; ran: {sorted(ran)}"
 
 
 def test_kv_cache_under_the_triton_backend():
