@@ -329,7 +329,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"data {source}: {len(ids)} tokens ({args.tokenizer}), {len(train_ids)} train / {len(val_ids)} val")
     print(f"model {model.num_parameters()} parameters: n_layer {config.n_layer} n_head {config.n_head} "
           f"n_embd {config.n_embd} block_size {config.block_size}; device {device}, backend {args.backend}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} CPU thread{'s' if torch.get_num_threads() != 1 else ''}")
 
     def evaluate() -> tuple[float, float]:
         sizes = (args.block_size, args.batch_size, args.eval_iters)
