@@ -1,1 +1,16 @@
 """Modules over the public ops: drop-in where torch.nn has an equivalent, with torch's constructor arguments."""
+from llmfast.nn.attention import CausalSelfAttention, KVCache
+from llmfast.nn.cross_entropy import CrossEntropyLoss, FusedLinearCrossEntropyLoss
+from llmfast.nn.softmax import LogSoftmax, Softmax
+from llmfast.nn.transformer import MLP, Block
+
+__all__ = [
+    "Block",
+    "CausalSelfAttention",
+    "CrossEntropyLoss",
+    "FusedLinearCrossEntropyLoss",
+    "KVCache",
+    "LogSoftmax",
+    "MLP",
+    "Softmax",
+]
