@@ -334,7 +334,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
     if impl == "reference":
         return reference.cross_entropy(logits, target, ignore_index, reduction, label_smoothing)
     if impl == "torch" or logits.dtype == torch.float64:
-        return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction,
+        return F.cross_entropy(logits, target.long(), ignore_index=ignore_index, reduction=reduction,
                                label_smoothing=float(label_smoothing))
     # A reshaped copy made above is private, so its storage can take the gradient.
     inplace = inplace_backward or not _shares_storage(rows, logits)
@@ -362,6 +362,17 @@ def chunk_rows(n_rows: int, n_classes: int, element_size: int) -> int:
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.addmm(bias, hidden, weight.t()) if bias is not None else hidden @ weight.t()
+
+
+def _accumulate_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
+    """acc (fp32) += grad_logits.T @ hidden without rounding the chunk's product to a 16-bit dtype (rounding
+    every chunk's partial sum would add up to several times the error of torch's single matmul)."""
+    if grad_logits.dtype == acc.dtype:
+        acc.addmm_(grad_logits.t(), hidden)
+    elif grad_logits.is_cuda:
+        acc += torch.mm(grad_logits.t(), hidden, out_dtype=acc.dtype)  # 16-bit tensor cores, fp32 result
+    else:
+        acc.addmm_(grad_logits.t().to(acc.dtype), hidden.to(acc.dtype))
 
 
 def _linear_ce_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
@@ -395,10 +406,7 @@ def _linear_ce_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         if grad_hidden is not None:
             torch.mm(logits, weight, out=grad_hidden[start:end])
         if grad_weight is not None:
-            if logits.dtype == torch.float32:
-                grad_weight.addmm_(logits.t(), h)
-            else:
-                grad_weight += logits.t() @ h
+            _accumulate_weight_grad(grad_weight, logits, h)
         if grad_bias is not None:
             grad_bias += logits.sum(dim=0, dtype=torch.float32)
         del logits
