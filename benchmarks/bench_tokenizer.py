@@ -1,0 +1,195 @@
+"""Tokenizer throughput: llmfast vs tiktoken on the same vocabulary and text (CPU).
+
+encode_ordinary, encode_batch (batch of 4 KB documents, 1 vs 2 threads) and decode, for cl100k_base and o200k_base, on
+English, code and Chinese/Japanese text (``../shared/corpus`` when present, else pydoc_data / stdlib sources and
+generated CJK). llmfast and tiktoken are timed interleaved in one process, median of rounds; MB/s and ratios go to
+``benchmark.extra_info``. Single-thread timings use the thread's CPU time (robust on a shared machine); batch timings
+use wall time (that is what threads buy).
+
+Run ``python benchmarks/bench_tokenizer.py`` for a table, or ``pytest benchmarks/bench_tokenizer.py``.
+"""
+from __future__ import annotations
+
+import functools
+import pathlib
+import random
+import statistics
+import sysconfig
+import time
+from typing import Callable
+
+import pytest
+
+from llmfast.tokenizer import get_encoding
+
+CORPUS = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+NAMES = ["cl100k_base", "o200k_base"]
+KINDS = ["english", "code", "cjk"]
+TEXT_BYTES = 400_000
+
+
+@functools.lru_cache(maxsize=None)
+def text_of(kind: str) -> str:
+    if kind == "english":
+        path = CORPUS / "botchan_en.txt"
+        if path.exists():
+            return path.read_text(encoding="utf-8")
+        import pydoc_data.topics
+
+        return "\n".join(pydoc_data.topics.topics.values())[:TEXT_BYTES]
+    if kind == "code":
+        stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+        parts, size = [], 0
+        for path in sorted(stdlib.glob("*.py")):
+            src = path.read_text(encoding="utf-8", errors="replace")
+            parts.append(src)
+            size += len(src)
+            if size > TEXT_BYTES:
+                break
+        return "\n".join(parts)
+    path = CORPUS / "neko_ja.txt"
+    if path.exists():
+        text = path.read_text(encoding="utf-8")
+        return text[: TEXT_BYTES // 3]
+    rng = random.Random(0)  # generated CJK: hanzi/kana runs with punctuation and spaces
+    chars = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)] + [chr(c) for c in range(0x3041, 0x3097)]
+    out = []
+    while len(out) < TEXT_BYTES // 3:
+        out.extend(rng.choice(chars) for _ in range(rng.randrange(5, 40)))
+        out.append(rng.choice(["。", "、", "\n", " ", "「", "」"]))
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=None)
+def pair(name: str):
+    tiktoken = pytest.importorskip("tiktoken")
+    ours = get_encoding(name)
+    ref = tiktoken.Encoding(
+        name, pat_str=ours.pat_str, mergeable_ranks=ours.mergeable_ranks, special_tokens=ours.special_tokens
+    )
+    return ours, ref
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, clock=time.thread_time) -> dict[str, float]:
+    """Median seconds of each function, timed in alternation so both see the same machine state."""
+    for fn in fns.values():
+        fn()  # warm up (caches, lazily built state)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            start = clock()
+            fn()
+            times[key].append(clock() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _rounds(benchmark) -> int:
+    return 1 if getattr(benchmark, "disabled", False) else 7
+
+
+def _sample(text: str, benchmark) -> str:
+    # The CI smoke run (--benchmark-disable) only checks that everything runs: keep it to a few KB.
+    return text[:20_000] if getattr(benchmark, "disabled", False) else text
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", NAMES)
+def test_encode_ordinary(benchmark, name, kind):
+    ours, ref = pair(name)
+    text = _sample(text_of(kind), benchmark)
+    nbytes = len(text.encode("utf-8"))
+    assert ours.encode_ordinary(text) == ref.encode_ordinary(text)
+    t = interleaved({"llmfast": lambda: ours.encode_ordinary(text), "tiktoken": lambda: ref.encode_ordinary(text)},
+                    _rounds(benchmark))
+    benchmark.extra_info.update(
+        bytes=nbytes,
+        llmfast_MBps=round(nbytes / t["llmfast"] / 1e6, 2),
+        tiktoken_MBps=round(nbytes / t["tiktoken"] / 1e6, 2),
+        speedup_vs_tiktoken=round(t["tiktoken"] / t["llmfast"], 2),
+    )
+    benchmark(ours.encode_ordinary, text)
+
+
+def _documents(text: str, size: int = 4096) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", NAMES)
+def test_encode_batch(benchmark, name, kind):
+    ours, ref = pair(name)
+    docs = _documents(_sample(text_of(kind), benchmark))
+    nbytes = sum(len(d.encode("utf-8")) for d in docs)
+    assert ours.encode_batch(docs, num_threads=2) == ref.encode_batch(docs, num_threads=2)
+    t = interleaved(
+        {
+            "llmfast_1": lambda: ours.encode_batch(docs, num_threads=1),
+            "llmfast_2": lambda: ours.encode_batch(docs, num_threads=2),
+            "tiktoken_1": lambda: ref.encode_batch(docs, num_threads=1),
+            "tiktoken_2": lambda: ref.encode_batch(docs, num_threads=2),
+        },
+        _rounds(benchmark),
+        clock=time.perf_counter,
+    )
+    benchmark.extra_info.update(
+        docs=len(docs),
+        llmfast_1thread_MBps=round(nbytes / t["llmfast_1"] / 1e6, 2),
+        llmfast_2threads_MBps=round(nbytes / t["llmfast_2"] / 1e6, 2),
+        llmfast_thread_scaling=round(t["llmfast_1"] / t["llmfast_2"], 2),
+        tiktoken_2threads_MBps=round(nbytes / t["tiktoken_2"] / 1e6, 2),
+        tiktoken_thread_scaling=round(t["tiktoken_1"] / t["tiktoken_2"], 2),
+        speedup_vs_tiktoken_2threads=round(t["tiktoken_2"] / t["llmfast_2"], 2),
+    )
+    benchmark(ours.encode_batch, docs, num_threads=2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", NAMES)
+def test_decode(benchmark, name, kind):
+    ours, ref = pair(name)
+    text = _sample(text_of(kind), benchmark)
+    tokens = ours.encode_ordinary(text)
+    nbytes = len(text.encode("utf-8"))
+    assert ours.decode(tokens) == ref.decode(tokens)
+    t = interleaved({"llmfast": lambda: ours.decode(tokens), "tiktoken": lambda: ref.decode(tokens)},
+                    _rounds(benchmark))
+    benchmark.extra_info.update(
+        llmfast_MBps=round(nbytes / t["llmfast"] / 1e6, 2),
+        tiktoken_MBps=round(nbytes / t["tiktoken"] / 1e6, 2),
+        speedup_vs_tiktoken=round(t["tiktoken"] / t["llmfast"], 2),
+    )
+    benchmark(ours.decode, tokens)
+
+
+def main() -> None:
+    """Print the comparison table (CPU)."""
+    print(f"{'encoding':12} {'text':8} {'op':18} {'llmfast MB/s':>13} {'tiktoken MB/s':>14} {'ratio':>6}")
+    for name in NAMES:
+        ours, ref = pair(name)
+        for kind in KINDS:
+            text = text_of(kind)
+            nbytes = len(text.encode("utf-8"))
+            t = interleaved({"o": lambda: ours.encode_ordinary(text), "r": lambda: ref.encode_ordinary(text)}, 7)
+            print(f"{name:12} {kind:8} {'encode_ordinary':18} {nbytes / t['o'] / 1e6:13.1f} "
+                  f"{nbytes / t['r'] / 1e6:14.1f} {t['r'] / t['o']:6.2f}")
+            docs = _documents(text)
+            t = interleaved(
+                {
+                    "o1": lambda: ours.encode_batch(docs, num_threads=1),
+                    "o2": lambda: ours.encode_batch(docs, num_threads=2),
+                    "r2": lambda: ref.encode_batch(docs, num_threads=2),
+                },
+                5,
+                clock=time.perf_counter,
+            )
+            print(f"{name:12} {kind:8} {'encode_batch x2':18} {nbytes / t['o2'] / 1e6:13.1f} "
+                  f"{nbytes / t['r2'] / 1e6:14.1f} {t['r2'] / t['o2']:6.2f}   (llmfast 2 vs 1 thread: "
+                  f"{t['o1'] / t['o2']:.2f}x)")
+            tokens = ours.encode_ordinary(text)
+            t = interleaved({"o": lambda: ours.decode(tokens), "r": lambda: ref.decode(tokens)}, 7)
+            print(f"{name:12} {kind:8} {'decode':18} {nbytes / t['o'] / 1e6:13.1f} "
+                  f"{nbytes / t['r'] / 1e6:14.1f} {t['r'] / t['o']:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
