@@ -167,27 +167,30 @@ def _cross_entropy_rows_triton(logits: torch.Tensor, target: torch.Tensor, ignor
 def _cross_entropy_rows_torch(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
                               label_smoothing: float, grad: torch.Tensor | None,
                               grad_scale: torch.Tensor | None) -> torch.Tensor:
-    """Same contract as the Triton version with torch ops (the CPU path of the chunked fused op)."""
+    """Same contract as the Triton version with torch ops (the CPU path of the chunked fused op).
+
+    Works in one fp32 buffer: a copy of 16-bit logits, or the fp32 logits themselves when they are the gradient's
+    destination (the chunk is private), so no temporary of the chunk's size is made beyond that buffer.
+    """
     n_cols = logits.shape[1]
     x = logits.float()
+    if x.data_ptr() == logits.data_ptr() and (grad is None or grad.data_ptr() != logits.data_ptr()):
+        x = x.clone()  # the caller's logits must survive
     active = target != ignore_index
     safe_target = torch.where(active, target, torch.zeros_like(target)).long()
-    lse = torch.logsumexp(x, dim=1)
-    loss = lse - (1.0 - label_smoothing) * x.gather(1, safe_target[:, None]).squeeze(1)
+    loss = -(1.0 - label_smoothing) * x.gather(1, safe_target[:, None]).squeeze(1)
     if label_smoothing > 0:
-        loss = loss - label_smoothing * x.mean(dim=1)
+        loss -= label_smoothing * x.mean(dim=1)
+    row_max = x.amax(dim=1)
+    exp_sum = x.sub_(row_max[:, None]).exp_().sum(dim=1)  # x now holds exp(x - max)
+    loss += row_max + exp_sum.log()                          # + log-sum-exp
     loss = torch.where(active, loss, torch.zeros_like(loss))
     if grad is not None:
-        # softmax in place in the fp32 buffer (a copy for low-precision logits; otherwise logits themselves, which
-        # are private to the caller), then the smoothed one-hot and the scale.
-        if x.data_ptr() == logits.data_ptr() and grad.data_ptr() != logits.data_ptr():
-            x = x.clone()
-        x.sub_(lse[:, None]).exp_()
+        x.div_(exp_sum[:, None])  # softmax
         if label_smoothing > 0:
             x.sub_(label_smoothing / n_cols)
         x.scatter_add_(1, safe_target[:, None], torch.full_like(x[:, :1], label_smoothing - 1.0))
-        row_scale = grad_scale.expand(target.shape) * active
-        x.mul_(row_scale[:, None])
+        x.mul_((grad_scale.expand(target.shape) * active)[:, None])
         if x.data_ptr() != grad.data_ptr():
             grad.copy_(x)
     return loss
