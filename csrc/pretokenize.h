@@ -1,19 +1,22 @@
 // Pre-tokenization: splitting text into the pieces that tiktoken's split regex finds, without a regex engine.
 //
 // Each built-in pattern has a hand-written scanner that returns the end of the piece starting at a given byte
-// offset. The scanners reproduce the regex's ordered alternation (the leftmost alternative that matches wins) and its
-// backtracking, worked out once per construct:
+// offset. The scanners reproduce the regex's ordered alternation (the leftmost alternative that matches wins, not the
+// longest) and the result of its backtracking, worked out once per construct:
 //
-//   \s+(?!\S)           a whitespace run followed by a non-space leaves its last character to the next piece;
-//   \s*[\r\n](+)        a whitespace run containing a newline ends right after its last \r or \n;
-//   \s++$               (r50k, cl100k) a whitespace run reaching the end of the text is one piece;
-//   ' ?X++', 'P?+\p{L}++'  the optional leading space / prefix character joins the run that follows it;
-//   o200k's  P?U*W+C? | P?U+W*C?  (U = [\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}], W = [\p{Ll}\p{Lm}\p{Lo}\p{M}],
-//            P = [^\r\n\p{L}\p{N}], C = the optional contraction): after the maximal U run the match takes the
-//            following W run if there is one, otherwise ends after the last W inside the U run; so CamelCase
-//            splits before an upper-case letter that follows a lower-case one ("helloWorld" -> "hello" "World",
-//            "HTTPServer" stays whole);
-//            a combining mark is both P and U/W, so a lone mark before an all-caps word is a piece of its own.
+//   \s+(?!\S)                 a white-space run followed by a non-space leaves its last character to the next piece
+//                              ("a   b" -> "a" "  " " b"); a run of one character then falls to \s or \s+;
+//   \s*[\r\n] / \s*[\r\n]+     a run containing a newline ends right after its last \r or \n;
+//   \s++$                     (r50k, cl100k, tried before the newline rule) a run reaching the end of the text is
+//                              one piece; o200k has no such alternative, so there the newline rule comes first;
+//   " ?X++", "P?+\p{L}++"      the optional space (r50k: letters, numbers, others; cl100k/o200k: others) or prefix
+//                              character (cl100k: any but \r \n letters numbers) joins the run that follows it;
+//   o200k's P?U*W+C? | P?U+W*C?   with U = [\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}], W = [\p{Ll}\p{Lm}\p{Lo}\p{M}],
+//                              P = [^\r\n\p{L}\p{N}], C = the optional contraction: after the maximal U run the
+//                              match takes the W run that follows, or else ends after the last W inside the U run;
+//                              so CamelCase splits before an upper-case letter that follows a lower-case one
+//                              ("helloWorld" -> "hello" "World"; "HTTPServer" stays whole). A combining mark is both
+//                              P and U/W, so a mark before an all-capitals word is a piece of its own.
 //
 // Every scanner looks at each byte a bounded number of times, so any input scans in linear time (no backtracking
 // blow-up on long runs of one class), and never reads outside [text, text + size).

@@ -19,6 +19,7 @@ covers ASCII so the ASCII fast path indexes ``kCharFlagBlocks`` directly.
 
 Run: ``python scripts/gen_unicode_tables.py`` (writes into csrc/ next to this script's repository root).
 """
+
 from __future__ import annotations
 
 import argparse

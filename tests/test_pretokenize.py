@@ -12,12 +12,12 @@ Two oracles:
   text carries a stand-in code point of the same Unicode 16 classes (those classes are checked against tiktoken on
   every code point).
 """
+
 from __future__ import annotations
 
 import codecs
 import functools
 import random
-import sys
 import sysconfig
 import time
 import unicodedata
@@ -42,13 +42,14 @@ L, N, S, NL, SPACE, UPPER, LOWER, SLASH = (1 << i for i in range(8))
 CLASS_BITS = L | N | S | UPPER | LOWER
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pat_strs() -> dict[str, str]:
     """The pat_str of each built-in pattern, from tiktoken's own encoding constructors (vocabulary loading stubbed)."""
     import tiktoken_ext.openai_public as public
 
-    with mock.patch.object(public, "load_tiktoken_bpe", lambda *a, **k: {}), mock.patch.object(
-        public, "data_gym_to_mergeable_bpe_ranks", lambda *a, **k: {}
+    with (
+        mock.patch.object(public, "load_tiktoken_bpe", lambda *a, **k: {}),
+        mock.patch.object(public, "data_gym_to_mergeable_bpe_ranks", lambda *a, **k: {}),
     ):
         by_name = {name: ctor()["pat_str"] for name, ctor in public.ENCODING_CONSTRUCTORS.items()}
     assert by_name["gpt2"] == by_name["r50k_base"] == by_name["p50k_base"] == by_name["p50k_edit"]
@@ -56,17 +57,17 @@ def pat_strs() -> dict[str, str]:
     return {"r50k": by_name["r50k_base"], "cl100k": by_name["cl100k_base"], "o200k": by_name["o200k_base"]}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def oracle(kind: str):
     return regex.compile(pat_strs()[kind])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def our_flags() -> bytes:
     return _C.pretokenize_char_flags()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def regex_flags() -> bytearray:
     """The class bits as the regex package's (newer) Unicode data has them."""
     everything = "".join(map(chr, CODE_POINTS))
@@ -83,7 +84,7 @@ def regex_flags() -> bytearray:
     return flags
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def oracle_stand_ins() -> dict[int, int]:
     """For each code point where the regex package's classes differ from Unicode 16's: a code point with the same
     Unicode 16 classes on which both agree."""
@@ -92,9 +93,7 @@ def oracle_stand_ins() -> dict[int, int]:
     for cp in CODE_POINTS:
         if cp >= 0x80 and (ours[cp] & CLASS_BITS) == theirs[cp]:
             agreeing.setdefault(ours[cp] & CLASS_BITS, cp)
-    return {
-        cp: agreeing[ours[cp] & CLASS_BITS] for cp in CODE_POINTS if (ours[cp] & CLASS_BITS) != theirs[cp]
-    }
+    return {cp: agreeing[ours[cp] & CLASS_BITS] for cp in CODE_POINTS if (ours[cp] & CLASS_BITS) != theirs[cp]}
 
 
 def oracle_lengths(kind: str, text: str) -> list[int]:
@@ -174,14 +173,14 @@ def test_tables_are_unicode_16_and_disjoint():
 # Every code point against tiktoken
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def code_points_with_class() -> list[int]:
     """ASCII and every code point that our tables put in some class (letter, number, white space, mark)."""
     flags = our_flags()
     return [cp for cp in CODE_POINTS if cp < 0x80 or flags[cp] & CLASS_BITS]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def classless_groups(size: int = 32) -> list[str]:
     """Every other code point (no class: symbols, punctuation, controls, unassigned, private use) in strings of up
     to `size` consecutive ones."""
@@ -328,7 +327,7 @@ def test_generated_text_matches_regex_oracle(parts):
         assert_matches_oracle(kind, text)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def real_encoding(kind: str):
     """A tiktoken Encoding with a real vocabulary and the built-in pattern `kind` (r50k has no shipped vocabulary:
     BPE does not care which pattern made the pieces, so it runs with cl100k's)."""
@@ -498,8 +497,24 @@ def decode_per_byte(data: bytes) -> tuple[str, list[int]]:
 @pytest.mark.parametrize("kind", KINDS)
 def test_invalid_utf8_is_scanned_as_replacement_characters(kind):
     rng = random.Random(f"bytes-{kind}")
-    interesting = [b"\x80", b"\xbf", b"\xc0\xaf", b"\xc2", b"\xe2\x82", b"\xed\xa0\x80", b"\xf4\x90\x80\x80",
-                   b"\xf0\x9f\x98", b"\xff", b"a", b" ", b"\n", b"'s", b"1", "é".encode(), "😀".encode()]
+    interesting = [
+        b"\x80",
+        b"\xbf",
+        b"\xc0\xaf",
+        b"\xc2",
+        b"\xe2\x82",
+        b"\xed\xa0\x80",
+        b"\xf4\x90\x80\x80",
+        b"\xf0\x9f\x98",
+        b"\xff",
+        b"a",
+        b" ",
+        b"\n",
+        b"'s",
+        b"1",
+        "é".encode(),
+        "😀".encode(),
+    ]
     for trial in range(3000):
         if trial % 2:
             data = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 24)))
