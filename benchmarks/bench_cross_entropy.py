@@ -1,0 +1,156 @@
+"""Cross-entropy speed and memory: llmfast vs torch's F.cross_entropy (and linear + cross-entropy) vs the reference.
+
+pytest-benchmark times llmfast on the ``auto`` backend (Triton kernels on CUDA; on the CPU torch's
+``F.cross_entropy`` for ``cross_entropy`` and the chunked torch path for ``fused_linear_cross_entropy``); peers
+are timed next to it with ``median_seconds``. ``benchmark.extra_info`` gets:
+
+* ``cross_entropy``: ``gbps`` counting the logits read once (plus the gradient written once for forward +
+  backward), ``<peer>_ms`` / ``speedup_vs_<peer>`` for ``torch`` and ``reference``, and on a GPU
+  ``fraction_of_copy_bandwidth`` against a device copy of the same bytes.
+* ``fused_linear_cross_entropy``: forward + backward time vs ``F.linear`` + ``F.cross_entropy``, and the peak
+  memory of each (``peak_mib_fused``, ``peak_mib_torch``, ``peak_memory_ratio`` = fused / torch,
+  ``peak_memory_at_most_quarter``). Peak memory is *measured*: on CUDA the caching allocator's
+  ``max_memory_allocated``; on the CPU torch's profiler with ``profile_memory=True``, which records every
+  allocation and free of torch's CPU allocator, so the running total's maximum is the peak of live tensor bytes
+  (see ``llmfast.ops.cross_entropy.peak_memory_bytes``). Inputs and the parameters' ``.grad`` buffers from an
+  earlier step are allocated before the measurement starts and are not counted for either side.
+
+The headline case is N=4096 tokens, V=50 000 classes, C=768 (GPT-2 small's width). On the CPU it runs in full
+benchmark runs only; ``--benchmark-disable`` (the CI smoke run) uses small sizes and takes a few seconds.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llmfast
+from llmfast.ops.cross_entropy import peak_memory_bytes
+from llmfast.reference import cross_entropy as reference
+
+from conftest import median_seconds, synchronize
+
+CUDA = torch.cuda.is_available()
+CE_SHAPES = [(8192, 32000), (8192, 50257), (4096, 128256)] if CUDA else [(256, 8192), (64, 50000)]
+CE_DTYPES = [torch.bfloat16, torch.float32] if CUDA else [torch.float32]
+HEADLINE = (4096, 768, 50000)
+LINEAR_SHAPES = [HEADLINE, (8192, 4096, 128256)] if CUDA else [(512, 64, 4096), HEADLINE]
+LINEAR_DTYPE = torch.bfloat16 if CUDA else torch.float32
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+
+
+def copy_gbps(x: torch.Tensor, device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    out = torch.empty_like(x)
+    seconds = median_seconds(lambda: out.copy_(x), device, repeats=20, warmup=3)
+    return 2 * x.numel() * x.element_size() / seconds / 1e9
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("dtype", CE_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shape", CE_SHAPES, ids=lambda s: f"N{s[0]}_V{s[1]}")
+def test_cross_entropy(benchmark, device, shape, dtype, mode):
+    n, v = shape
+    logits = torch.randn(n, v, device=device, dtype=dtype, requires_grad=mode == "fwd_bwd")
+    target = torch.randint(0, v, (n,), device=device)
+    target[::17] = -100
+    info = benchmark.extra_info
+    info.update(device=_device_name(device), backend="triton" if CUDA else "torch (auto backend on the CPU)",
+                dtype=str(dtype).replace("torch.", ""), shape=f"N{n} V{v}", mode=mode)
+
+    def step_for(fn):
+        def step():
+            loss = fn(logits, target)
+            if mode == "fwd_bwd":
+                loss.backward()
+                logits.grad = None
+            synchronize(device)
+            return loss
+        return step
+
+    peers = {"torch": lambda x, t: F.cross_entropy(x, t), "reference": reference.cross_entropy}
+    with llmfast.backend("auto"):
+        benchmark.pedantic(step_for(llmfast.cross_entropy), rounds=20 if CUDA else 3, warmup_rounds=1,
+                           iterations=1)
+    if benchmark.disabled or benchmark.stats is None:
+        if shape == CE_SHAPES[0]:
+            for fn in peers.values():
+                step_for(fn)()
+        return
+    ours = benchmark.stats.stats.median
+    moved = (2 if mode == "fwd_bwd" else 1) * logits.numel() * logits.element_size()
+    info["gbps"] = moved / ours / 1e9
+    copy = copy_gbps(logits.detach(), device)
+    if copy:
+        info["copy_gbps"] = copy
+        info["fraction_of_copy_bandwidth"] = info["gbps"] / copy
+    for name, fn in peers.items():
+        try:
+            seconds = median_seconds(step_for(fn), device, repeats=10 if CUDA else 3)
+        except RuntimeError as err:  # out of memory for the materialising peers
+            info[f"{name}_status"] = f"unavailable: {str(err).splitlines()[0][:100]}"
+            continue
+        info[f"{name}_ms"] = seconds * 1e3
+        info[f"speedup_vs_{name}"] = seconds / ours
+    if mode == "fwd_bwd":
+        with llmfast.backend("auto"):
+            fused = peak_memory_bytes(step_for(llmfast.cross_entropy), device)
+        torch_peak = peak_memory_bytes(step_for(peers["torch"]), device)
+        info.update(peak_mib_llmfast=fused / 2**20, peak_mib_torch=torch_peak / 2**20,
+                    peak_memory_ratio=fused / max(torch_peak, 1))
+
+
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: f"N{s[0]}_C{s[1]}_V{s[2]}")
+def test_fused_linear_cross_entropy(benchmark, device, shape):
+    n, c, v = shape
+    if benchmark.disabled and not CUDA and shape == HEADLINE:
+        benchmark.extra_info["status"] = "smoke run: the headline size runs in full benchmark runs only"
+        return
+    hidden = torch.randn(n, c, device=device, dtype=LINEAR_DTYPE, requires_grad=True)
+    weight = (torch.randn(v, c, device=device) / c**0.5).to(LINEAR_DTYPE).requires_grad_()
+    target = torch.randint(0, v, (n,), device=device)
+    target[::31] = -100
+    info = benchmark.extra_info
+    info.update(device=_device_name(device), dtype=str(LINEAR_DTYPE).replace("torch.", ""),
+                shape=f"N{n} C{c} V{v}",
+                backend="triton" if CUDA else "chunked torch path (auto backend on the CPU)")
+
+    def step_for(loss_fn):
+        def step():
+            loss_fn().backward()
+            synchronize(device)
+        return step
+
+    def ours():
+        return llmfast.fused_linear_cross_entropy(hidden, weight, target)
+
+    def torch_linear_ce():
+        return F.cross_entropy(F.linear(hidden, weight), target)
+
+    with llmfast.backend("auto"):
+        benchmark.pedantic(step_for(ours), rounds=10 if CUDA else 1, warmup_rounds=1, iterations=1)
+        # .grad buffers exist on both sides from here on; the peaks below count what each step adds
+        fused_peak = peak_memory_bytes(step_for(ours), device)
+    step_for(torch_linear_ce)()
+    torch_peak = peak_memory_bytes(step_for(torch_linear_ce), device)
+    ratio = fused_peak / max(torch_peak, 1)
+    info.update(peak_mib_fused=fused_peak / 2**20, peak_mib_torch=torch_peak / 2**20, peak_memory_ratio=ratio,
+                peak_memory_at_most_quarter=ratio <= 0.25,
+                logits_mib=n * v * torch.finfo(LINEAR_DTYPE).bits / 8 / 2**20)
+    if benchmark.disabled or benchmark.stats is None:
+        return
+    ours_s = benchmark.stats.stats.median
+    info["fused_ms"] = ours_s * 1e3
+    seconds = median_seconds(step_for(torch_linear_ce), device, repeats=5 if CUDA else 1, warmup=0)
+    info["torch_ms"] = seconds * 1e3
+    info["speedup_vs_torch"] = seconds / ours_s
+    if n * v <= 2**26:  # the reference materialises the logits several times over
+        def reference_step():
+            return reference.fused_linear_cross_entropy(hidden, weight, target)
+        seconds = median_seconds(step_for(reference_step), device, repeats=3 if CUDA else 1, warmup=0)
+        info["reference_ms"] = seconds * 1e3
+        info["speedup_vs_reference"] = seconds / ours_s
