@@ -194,6 +194,11 @@ void BytePairEncoder::build(const std::vector<std::pair<std::string, Rank>>& mer
             if (keys[i] != UINT64_MAX) edges.emplace_back(keys[i], vals[i]);
         trie_.build(edges);
         node_rank_ = std::move(node_rank);
+        depth2_.assign(65536, UINT32_MAX);
+        for (size_t i = 0; i < 65536; ++i) {
+            const Rank child = trie_.find(root_child_[i >> 8], static_cast<Rank>(i & 255));
+            if (child != kNoRank) depth2_[i] = child;
+        }
     }
     byte_pair_ranks_.assign(65536, kNoRank);
     for (size_t i = 0; i < 65536; ++i) {
@@ -252,10 +257,12 @@ void BytePairEncoder::merge_chunked(std::string_view piece, std::vector<Rank>& o
             chunk_start = s;
         }
         // Longest token starting at s (every single byte is one).
-        uint32_t node = root_child_[p[s]];
         size_t end = s + 1;
         Rank end_rank = byte_ranks_[p[s]];
-        for (size_t e = s + 1; e < n; ++e) {
+        // The first two steps come from direct tables; deeper ones from the hashed edges.
+        uint32_t node = s + 1 < n ? depth2_[(size_t(p[s]) << 8) | p[s + 1]] : UINT32_MAX;
+        if (node != UINT32_MAX && node_rank_[node] != kNoRank) end = s + 2, end_rank = node_rank_[node];
+        for (size_t e = s + 2; node != UINT32_MAX && e < n; ++e) {
             node = trie_.find(node, p[e]);
             if (node == kNoRank) break;
             const Rank r = node_rank_[node];

@@ -126,6 +126,7 @@ class BytePairEncoder {
     // Byte trie of all tokens: root_child_[b] and trie_ (node, byte) -> child; node_rank_[node] is the rank of the
     // token spelled by the path to node, or kNoRank.
     uint32_t root_child_[256] = {};
+    std::vector<uint32_t> depth2_;  // node of each two-byte prefix (65536 entries), or UINT32_MAX
     PairRankMap trie_;
     std::vector<Rank> node_rank_;  // rank of each two-byte string (65536 entries): the first merges
     Rank byte_ranks_[256] = {};
