@@ -28,8 +28,10 @@ The Triton path is exposed to PyTorch as the custom ops ``llmfast::flash_attenti
 """
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
+import re
 from typing import Optional, Sequence
 
 import torch
@@ -53,46 +55,68 @@ MAX_HEAD_DIM = 256
 # ----------------------------------------------------------------------------------------------------------------
 ATTENTION_CONFIGS: dict[str, dict[str, dict[str, int]]] = {
     "sm90": {
-        "fwd_d64": dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-        "fwd_d128": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-        "fwd_d256": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
-        "fwd_d64_fp32": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-        "fwd_d128_fp32": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-        "fwd_d256_fp32": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
-        "bwd_preprocess": dict(BLOCK_M=64, num_warps=4, num_stages=1),
-        "bwd_dkdv_d64": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
-        "bwd_dkdv_d128": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
-        "bwd_dkdv_d256": dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
-        "bwd_dkdv_d64_fp32": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
-        "bwd_dkdv_d128_fp32": dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
-        "bwd_dkdv_d256_fp32": dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1),
-        "bwd_dq_d64": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-        "bwd_dq_d128": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-        "bwd_dq_d256": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
-        "bwd_dq_d64_fp32": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-        "bwd_dq_d128_fp32": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
-        "bwd_dq_d256_fp32": dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=1),
+        "fwd_d64": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+        "fwd_d64_extra": dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2),
+        "fwd_d64_fp32": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2),
+        "fwd_d128": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+        "fwd_d128_extra": dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2),
+        "fwd_d128_fp32": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2),
+        "fwd_d256": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+        "fwd_d256_extra": dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2),
+        "fwd_d256_fp32": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2),
+        "bwd_preprocess_d64": dict(BLOCK_M=64, num_warps=4, num_stages=1),
+        "bwd_preprocess_d128": dict(BLOCK_M=32, num_warps=4, num_stages=1),
+        "bwd_preprocess_d256": dict(BLOCK_M=16, num_warps=4, num_stages=1),
+        "bwd_dkdv_d64": dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2),
+        "bwd_dkdv_d64_extra": dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2),
+        "bwd_dkdv_d64_fp32": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2),
+        "bwd_dkdv_d128": dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2),
+        "bwd_dkdv_d128_extra": dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2),
+        "bwd_dkdv_d128_fp32": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2),
+        "bwd_dkdv_d256": dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2),
+        "bwd_dkdv_d256_extra": dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2),
+        "bwd_dkdv_d256_fp32": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2),
+        "bwd_dq_d64": dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2),
+        "bwd_dq_d64_extra": dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2),
+        "bwd_dq_d64_fp32": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2),
+        "bwd_dq_d128": dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2),
+        "bwd_dq_d128_extra": dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2),
+        "bwd_dq_d128_fp32": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2),
+        "bwd_dq_d256": dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2),
+        "bwd_dq_d256_extra": dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2),
+        "bwd_dq_d256_fp32": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2),
     },
     "sm80": {
-        "fwd_d64": dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-        "fwd_d128": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
-        "fwd_d256": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
-        "fwd_d64_fp32": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-        "fwd_d128_fp32": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-        "fwd_d256_fp32": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1),
-        "bwd_preprocess": dict(BLOCK_M=64, num_warps=4, num_stages=1),
-        "bwd_dkdv_d64": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
-        "bwd_dkdv_d128": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
-        "bwd_dkdv_d256": dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1),
-        "bwd_dkdv_d64_fp32": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
-        "bwd_dkdv_d128_fp32": dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1),
-        "bwd_dkdv_d256_fp32": dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1),
-        "bwd_dq_d64": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
-        "bwd_dq_d128": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-        "bwd_dq_d256": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1),
-        "bwd_dq_d64_fp32": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-        "bwd_dq_d128_fp32": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1),
-        "bwd_dq_d256_fp32": dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=1),
+        "fwd_d64": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+        "fwd_d64_extra": dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2),
+        "fwd_d64_fp32": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2),
+        "fwd_d128": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+        "fwd_d128_extra": dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2),
+        "fwd_d128_fp32": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2),
+        "fwd_d256": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+        "fwd_d256_extra": dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2),
+        "fwd_d256_fp32": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2),
+        "bwd_preprocess_d64": dict(BLOCK_M=64, num_warps=4, num_stages=1),
+        "bwd_preprocess_d128": dict(BLOCK_M=32, num_warps=4, num_stages=1),
+        "bwd_preprocess_d256": dict(BLOCK_M=16, num_warps=4, num_stages=1),
+        "bwd_dkdv_d64": dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2),
+        "bwd_dkdv_d64_extra": dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2),
+        "bwd_dkdv_d64_fp32": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2),
+        "bwd_dkdv_d128": dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2),
+        "bwd_dkdv_d128_extra": dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2),
+        "bwd_dkdv_d128_fp32": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2),
+        "bwd_dkdv_d256": dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2),
+        "bwd_dkdv_d256_extra": dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2),
+        "bwd_dkdv_d256_fp32": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2),
+        "bwd_dq_d64": dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2),
+        "bwd_dq_d64_extra": dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2),
+        "bwd_dq_d64_fp32": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2),
+        "bwd_dq_d128": dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2),
+        "bwd_dq_d128_extra": dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2),
+        "bwd_dq_d128_fp32": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2),
+        "bwd_dq_d256": dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2),
+        "bwd_dq_d256_extra": dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2),
+        "bwd_dq_d256_fp32": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2),
     },
     "interpreter": {
         "fwd": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
@@ -114,13 +138,22 @@ def _head_dim_bucket(block_d: int) -> int:
     return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
 
 
-def _config(kernel: str, device: torch.device, block_d: int, dtype: torch.dtype) -> dict[str, int]:
-    """The named config for ``kernel`` ("fwd", "bwd_dkdv", "bwd_dq", "bwd_preprocess") on this device."""
-    configs = ATTENTION_CONFIGS[_arch_key(device)]
-    if kernel in configs:
-        return configs[kernel]
-    suffix = "_fp32" if dtype == torch.float32 else ""
-    return configs[f"{kernel}_d{_head_dim_bucket(block_d)}{suffix}"]
+def _config_name(kernel: str, block_d: int, dtype: torch.dtype, extra: bool) -> str:
+    """``<kernel>_d<bucket>[_fp32|_extra]``; the preprocess kernel only depends on the head dim."""
+    name = f"{kernel}_d{_head_dim_bucket(block_d)}"
+    if kernel == "bwd_preprocess":
+        return name
+    if dtype == torch.float32:
+        return name + "_fp32"
+    return name + "_extra" if extra else name
+
+
+def _config(kernel: str, arch: str, block_d: int, dtype: torch.dtype, extra: bool = False) -> dict[str, int]:
+    """The named config of ``kernel`` ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq") for ``arch``
+    ("sm80", "sm90" or "interpreter"): by head-dim bucket, fp32 or 16-bit inputs, and ``extra`` features (an
+    attn_mask tile or dropout's Philox rounds need registers, so they get smaller tiles)."""
+    configs = ATTENTION_CONFIGS[arch]
+    return configs[kernel] if kernel in configs else configs[_config_name(kernel, block_d, dtype, extra)]
 
 
 def _block_d(head_dim: int) -> int:
@@ -135,10 +168,21 @@ def _block_d(head_dim: int) -> int:
 def _dropout_keep(seed, offsets, dropout_p):
     """Philox keep decision shared by every kernel: keep iff uniform(seed, offset) >= dropout_p.
 
-    Offsets are int64 so huge (B, H, Sq, Sk) index spaces do not wrap; below 2**32 they give the same numbers as
-    int32 offsets would (Philox's high counter word is then zero).
+    ``offsets`` may be int64 or uint32: Philox's counter is (low word, high word), and a uint32 offset gives the
+    same numbers as the int64 one whenever the high word is 0, so kernels use the cheaper uint32 offsets unless
+    the (B, H, Sq, Sk) index space reaches 2**32 (``WIDE_DROPOUT``).
     """
-    return tl.rand(seed, offsets.to(tl.int64)) >= dropout_p
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
+def _dropout_offsets(row_base, cols, WIDE_DROPOUT: tl.constexpr):
+    """Philox offsets ``row_base[i] + cols[j]`` of a (rows x cols) tile; ``row_base`` is int64."""
+    if WIDE_DROPOUT:
+        offsets = row_base[:, None] + cols[None, :]
+    else:
+        offsets = row_base.to(tl.uint32)[:, None] + cols.to(tl.uint32)[None, :]
+    return offsets
 
 
 @triton.jit
@@ -147,7 +191,7 @@ def _dropout_mask_kernel(keep_ptr, seed, dropout_p, Sq, Sk, BLOCK_N: tl.constexp
     row = tl.program_id(0).to(tl.int64)
     for start in range(0, Sk, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed, row * Sk + cols, dropout_p)
+        keep = _dropout_keep(seed, row * Sk + cols.to(tl.int64), dropout_p)
         tl.store(keep_ptr + row * Sk + cols, keep.to(tl.int8), mask=cols < Sk)
 
 
@@ -283,6 +327,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, stri
                     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_N: tl.constexpr, EDGE: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
+                    WIDE_DROPOUT: tl.constexpr,
                     FP32_IEEE: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -305,7 +350,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, stri
         acc = acc * alpha[:, None]
         if DROPOUT:
             # The normaliser l uses every probability; only the values read through V are dropped.
-            keep = _dropout_keep(seed, drop_rows[:, None] + offs_n[None, :], dropout_p)
+            keep = _dropout_keep(seed, _dropout_offsets(drop_rows, offs_n, WIDE_DROPOUT), dropout_p)
             p = tl.where(keep, p, 0.0)
         v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, seqlen_k, offs_dv,
                        HEAD_DV, BLOCK_DV, EDGE)
@@ -323,7 +368,7 @@ def _attn_fwd_kernel(
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-    DROPOUT: tl.constexpr, FP32_IEEE: tl.constexpr, REVERSE_M: tl.constexpr,
+    DROPOUT: tl.constexpr, WIDE_DROPOUT: tl.constexpr, FP32_IEEE: tl.constexpr, REVERSE_M: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     # With a causal band the last query blocks see the most keys: launch them first (longest work first).
@@ -370,17 +415,17 @@ def _attn_fwd_kernel(
             acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn, offs_m,
             seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, seed, dropout_p, drop_rows, lo, full_lo,
             HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_MASK, MASK_IS_BOOL,
-            DROPOUT, FP32_IEEE)
+            DROPOUT, WIDE_DROPOUT, FP32_IEEE)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn, offs_m,
         seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, seed, dropout_p, drop_rows, full_lo, full_hi,
         HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_MASK, MASK_IS_BOOL,
-        DROPOUT, FP32_IEEE)
+        DROPOUT, WIDE_DROPOUT, FP32_IEEE)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn, offs_m,
         seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, seed, dropout_p, drop_rows, full_hi, hi,
         HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_MASK, MASK_IS_BOOL,
-        DROPOUT, FP32_IEEE)
+        DROPOUT, WIDE_DROPOUT, FP32_IEEE)
 
     # Epilogue: normalise, undo dropout's expected shrinkage, and keep the natural-log LSE for the backward pass.
     empty_row = l_i == 0.0
@@ -438,7 +483,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, ma
                          HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
                          BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, EDGE: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr,
-                         MASK_IS_BOOL: tl.constexpr, DROPOUT: tl.constexpr, FP32_IEEE: tl.constexpr):
+                         MASK_IS_BOOL: tl.constexpr, DROPOUT: tl.constexpr, WIDE_DROPOUT: tl.constexpr,
+                         FP32_IEEE: tl.constexpr):
     # Works on the transposed problem (keys x queries) so dK and dV accumulate with plain row-major dots.
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -465,8 +511,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, ma
         dp_t = _dot(v, tl.trans(do), None, FP32_IEEE)
         if DROPOUT:
             inv_keep = 1.0 / (1.0 - dropout_p)
-            keep = _dropout_keep(seed, (drop_base + offs_m.to(tl.int64))[None, :] * Sk + offs_n[:, None],
-                                 dropout_p)
+            # Transposed tile: keys are rows here, so take the offsets of the (queries x keys) tile and flip.
+            keep = tl.trans(_dropout_keep(seed, _dropout_offsets((drop_base + offs_m.to(tl.int64)) * Sk, offs_n,
+                                                                 WIDE_DROPOUT), dropout_p))
             p_drop_t = tl.where(keep, p_t * inv_keep, 0.0)
             dp_t = tl.where(keep, dp_t * inv_keep, 0.0)
         else:
@@ -487,7 +534,7 @@ def _attn_bwd_dkdv_kernel(
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-    DROPOUT: tl.constexpr, FP32_IEEE: tl.constexpr,
+    DROPOUT: tl.constexpr, WIDE_DROPOUT: tl.constexpr, FP32_IEEE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -533,17 +580,17 @@ def _attn_bwd_dkdv_kernel(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, stride_qm, stride_dom,
                 stride_mm, stride_mn, offs_n, seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, seed,
                 dropout_p, drop_base, Sk, lo, full_lo, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, True,
-                HAS_LEFT, HAS_RIGHT, HAS_MASK, MASK_IS_BOOL, DROPOUT, FP32_IEEE)
+                HAS_LEFT, HAS_RIGHT, HAS_MASK, MASK_IS_BOOL, DROPOUT, WIDE_DROPOUT, FP32_IEEE)
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, stride_qm, stride_dom,
             stride_mm, stride_mn, offs_n, seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, seed,
             dropout_p, drop_base, Sk, full_lo, full_hi, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, False,
-            HAS_LEFT, HAS_RIGHT, HAS_MASK, MASK_IS_BOOL, DROPOUT, FP32_IEEE)
+            HAS_LEFT, HAS_RIGHT, HAS_MASK, MASK_IS_BOOL, DROPOUT, WIDE_DROPOUT, FP32_IEEE)
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, stride_qm, stride_dom,
             stride_mm, stride_mn, offs_n, seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, seed,
             dropout_p, drop_base, Sk, full_hi, hi, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, True,
-            HAS_LEFT, HAS_RIGHT, HAS_MASK, MASK_IS_BOOL, DROPOUT, FP32_IEEE)
+            HAS_LEFT, HAS_RIGHT, HAS_MASK, MASK_IS_BOOL, DROPOUT, WIDE_DROPOUT, FP32_IEEE)
 
     dk = dk * sm_scale
     row_ok = offs_n[:, None] < seqlen_k
@@ -560,7 +607,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_bas
                        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
                        BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr, HAS_LEFT: tl.constexpr,
                        HAS_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-                       DROPOUT: tl.constexpr, FP32_IEEE: tl.constexpr, STORE_DS: tl.constexpr):
+                       DROPOUT: tl.constexpr, WIDE_DROPOUT: tl.constexpr, FP32_IEEE: tl.constexpr,
+                       STORE_DS: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
@@ -577,7 +625,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_bas
         p = tl.math.exp2(s - lse2[:, None])
         dp = _dot(do, tl.trans(v), None, FP32_IEEE)
         if DROPOUT:
-            keep = _dropout_keep(seed, drop_rows[:, None] + offs_n[None, :], dropout_p)
+            keep = _dropout_keep(seed, _dropout_offsets(drop_rows, offs_n, WIDE_DROPOUT), dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         if STORE_DS:
@@ -597,7 +645,8 @@ def _attn_bwd_dq_kernel(
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-    DROPOUT: tl.constexpr, FP32_IEEE: tl.constexpr, REVERSE_M: tl.constexpr, STORE_DS: tl.constexpr,
+    DROPOUT: tl.constexpr, WIDE_DROPOUT: tl.constexpr, FP32_IEEE: tl.constexpr, REVERSE_M: tl.constexpr,
+    STORE_DS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     if REVERSE_M:
@@ -647,17 +696,17 @@ def _attn_bwd_dq_kernel(
             dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_base, stride_kn, stride_vn, stride_mm, stride_mn,
             offs_m, seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, seed, dropout_p, drop_rows, Sk,
             lo, full_lo, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_MASK,
-            MASK_IS_BOOL, DROPOUT, FP32_IEEE, STORE_DS)
+            MASK_IS_BOOL, DROPOUT, WIDE_DROPOUT, FP32_IEEE, STORE_DS)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_base, stride_kn, stride_vn, stride_mm, stride_mn,
         offs_m, seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, seed, dropout_p, drop_rows, Sk,
         full_lo, full_hi, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_MASK,
-        MASK_IS_BOOL, DROPOUT, FP32_IEEE, STORE_DS)
+        MASK_IS_BOOL, DROPOUT, WIDE_DROPOUT, FP32_IEEE, STORE_DS)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_base, stride_kn, stride_vn, stride_mm, stride_mn,
         offs_m, seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, seed, dropout_p, drop_rows, Sk,
         full_hi, hi, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_MASK,
-        MASK_IS_BOOL, DROPOUT, FP32_IEEE, STORE_DS)
+        MASK_IS_BOOL, DROPOUT, WIDE_DROPOUT, FP32_IEEE, STORE_DS)
 
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + q_row[:, None] * stride_dqm + offs_d[None, :],
@@ -721,6 +770,7 @@ class _Problem:
         self.bottom_right = bool(bottom_right)
         self.dropout_p = float(dropout_p)
         self.seed = int(seed.item()) if (seed is not None and self.dropout_p > 0) else 0
+        self.wide_dropout = self.batch * self.num_heads * self.seqlen_q * self.seqlen_k >= 2**32
         self.fp32_ieee = q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
         self.empty = self.batch == 0 or self.num_heads == 0 or self.seqlen_q == 0 or q.numel() == 0
         self.no_keys = self.seqlen_k == 0 or k.numel() == 0
@@ -736,12 +786,13 @@ class _Problem:
             self.mask = expanded.view(torch.uint8) if self.mask_is_bool else expanded
             self.mask_strides = tuple(self.mask.stride())
         self.has_mask = mask is not None
+        self.extra = self.has_mask or self.dropout_p > 0
 
     def flags(self) -> dict:
         return dict(HEAD_D=self.head_d, BLOCK_D=self.block_d, HEAD_DV=self.head_dv, BLOCK_DV=self.block_dv,
                     IS_VARLEN=self.varlen, HAS_LEFT=self.window_left >= 0, HAS_RIGHT=self.window_right >= 0,
                     BOTTOM_RIGHT=self.bottom_right, HAS_MASK=self.has_mask, MASK_IS_BOOL=self.mask_is_bool,
-                    DROPOUT=self.dropout_p > 0, FP32_IEEE=self.fp32_ieee)
+                    DROPOUT=self.dropout_p > 0, WIDE_DROPOUT=self.wide_dropout, FP32_IEEE=self.fp32_ieee)
 
     def reverse_m(self) -> bool:
         # Under a causal band (bounded right side) later query blocks see more keys.
@@ -759,7 +810,7 @@ def _forward_impl(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
         return out, lse.fill_(-math.inf)
     if pb.no_keys:
         return out.zero_(), lse.fill_(-math.inf)
-    cfg = _config("fwd", q.device, pb.block_d, q.dtype)
+    cfg = _config("fwd", _arch_key(q.device), max(pb.block_d, pb.block_dv), q.dtype, pb.extra)
     grid = (pb.batch * pb.num_heads, triton.cdiv(pb.seqlen_q, cfg["BLOCK_M"]))
     _backend.record_kernel_launch("attention_fwd")
     _attn_fwd_kernel[grid](
@@ -799,7 +850,8 @@ def _backward_impl(dout, dlse, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens
     delta = torch.empty_like(lse)
     has_dlse = dlse is not None
     dlse = dlse.contiguous() if has_dlse else lse
-    pre = _config("bwd_preprocess", q.device, pb.block_dv, q.dtype)
+    arch = _arch_key(q.device)
+    pre = _config("bwd_preprocess", arch, pb.block_dv, q.dtype)
     _backend.record_kernel_launch("attention_bwd_preprocess")
     _attn_bwd_preprocess_kernel[(pb.batch * pb.num_heads, triton.cdiv(pb.seqlen_q, pre["BLOCK_M"]))](
         out, dout, dlse, delta, pb.cu_q, *_bhs_strides(out, layout), *_bhs_strides(dout, layout),
@@ -809,7 +861,7 @@ def _backward_impl(dout, dlse, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens
     )
 
     common = (pb.window_left, pb.window_right, pb.dropout_p, pb.seed)
-    cfg = _config("bwd_dkdv", q.device, max(pb.block_d, pb.block_dv), q.dtype)
+    cfg = _config("bwd_dkdv", arch, max(pb.block_d, pb.block_dv), q.dtype, pb.extra)
     _backend.record_kernel_launch("attention_bwd_dkdv")
     _attn_bwd_dkdv_kernel[(pb.batch * pb.num_kv_heads, triton.cdiv(pb.seqlen_k, cfg["BLOCK_N"]))](
         q, k, v, dout, lse, delta, dk, dv, pb.mask, pb.cu_q, pb.cu_k,
@@ -824,7 +876,7 @@ def _backward_impl(dout, dlse, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens
 
     ds = (torch.zeros((pb.batch, pb.num_heads, pb.seqlen_q, pb.seqlen_k), dtype=torch.float32, device=q.device)
           if mask_needs_grad else lse)
-    cfg = _config("bwd_dq", q.device, max(pb.block_d, pb.block_dv), q.dtype)
+    cfg = _config("bwd_dq", arch, max(pb.block_d, pb.block_dv), q.dtype, pb.extra)
     _backend.record_kernel_launch("attention_bwd_dq")
     _attn_bwd_dq_kernel[(pb.batch * pb.num_heads, triton.cdiv(pb.seqlen_q, cfg["BLOCK_M"]))](
         q, k, v, dout, lse, delta, dq, ds, pb.mask, pb.cu_q, pb.cu_k,
@@ -1262,3 +1314,81 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     out, _ = _flash_attention_forward(q, k, v, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, "thd",
                                       sm_scale, left, right, True, dropout_p, seed)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile check (python -m llmfast.compile_check): every named config of every architecture.
+# ----------------------------------------------------------------------------------------------------------------
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_POINTER_TYPES = {  # pointer arguments: "io" = the input dtype, else a fixed element type
+    "Q": "io", "K": "io", "V": "io", "Out": "io", "DOut": "io", "DQ": "io", "DK": "io", "DV": "io",
+    "Mask": "io", "Lse": "fp32", "Delta": "fp32", "DLse": "fp32", "DS": "fp32", "CuSeqQ": "i32", "CuSeqK": "i32",
+}
+_FLOAT_ARGS = ("qk_scale", "sm_scale", "dropout_p")
+
+# Feature sets compiled for each config: "causal" is the common case; "window_mask" adds every optional feature
+# but dropout (a two-sided window, an additive mask, the mask gradient); "window_mask_dropout" adds dropout too,
+# for the configs that serve it.
+_SPEC_VARIANTS = {
+    "causal": dict(IS_VARLEN=False, HAS_LEFT=False, HAS_RIGHT=True, BOTTOM_RIGHT=True, HAS_MASK=False,
+                   MASK_IS_BOOL=False, DROPOUT=False, REVERSE_M=True, STORE_DS=False),
+    "window": dict(IS_VARLEN=True, HAS_LEFT=True, HAS_RIGHT=True, BOTTOM_RIGHT=True, HAS_MASK=False,
+                   MASK_IS_BOOL=False, DROPOUT=False, REVERSE_M=False, STORE_DS=False),
+    "window_mask": dict(IS_VARLEN=False, HAS_LEFT=True, HAS_RIGHT=True, BOTTOM_RIGHT=True, HAS_MASK=True,
+                        MASK_IS_BOOL=False, DROPOUT=False, REVERSE_M=False, STORE_DS=True),
+    "window_mask_dropout": dict(IS_VARLEN=False, HAS_LEFT=True, HAS_RIGHT=True, BOTTOM_RIGHT=True, HAS_MASK=True,
+                                MASK_IS_BOOL=False, DROPOUT=True, REVERSE_M=False, STORE_DS=True),
+}
+# (dtype, variant) pairs compiled for each kind of config entry.
+_SPEC_CASES = {
+    "": ((torch.float16, "causal"), (torch.bfloat16, "causal"), (torch.float16, "window")),
+    "_extra": ((torch.float16, "window_mask"), (torch.bfloat16, "window_mask_dropout")),
+    "_fp32": ((torch.float32, "causal"), (torch.float32, "window_mask_dropout")),
+    "preprocess": ((torch.float16, "causal"), (torch.float32, "causal")),
+}
+_SPEC_KERNELS = {
+    "fwd": ("attention_fwd", "_attn_fwd_kernel"),
+    "bwd_preprocess": ("attention_bwd_preprocess", "_attn_bwd_preprocess_kernel"),
+    "bwd_dkdv": ("attention_bwd_dkdv", "_attn_bwd_dkdv_kernel"),
+    "bwd_dq": ("attention_bwd_dq", "_attn_bwd_dq_kernel"),
+}
+
+
+def _spec(kernel_name: str, fn, dtype: torch.dtype, config_name: str, cfg: dict, arch: int, block_d: int,
+          variant: str) -> KernelSpec:
+    io = _TRITON_DTYPE[dtype]
+    # Read the Python signature (works for JIT and interpreted kernels alike): constexprs are annotated.
+    params = inspect.signature(fn.fn).parameters
+    constexpr_names = [n for n, p in params.items() if "constexpr" in str(p.annotation)]
+    signature = {}
+    for name in params:
+        if name in constexpr_names:
+            continue
+        if name in _POINTER_TYPES:
+            kind = _POINTER_TYPES[name]
+            signature[name] = f"*{io}" if kind == "io" else f"*{kind}"
+        else:
+            signature[name] = "fp32" if name in _FLOAT_ARGS else "i32"
+    values = dict(_SPEC_VARIANTS[variant], WIDE_DROPOUT=False, HEAD_D=block_d, BLOCK_D=block_d, HEAD_DV=block_d,
+                  BLOCK_DV=block_d,
+                  FP32_IEEE=dtype == torch.float32, HAS_DLSE=False,
+                  **{k: v for k, v in cfg.items() if k.startswith("BLOCK_")})
+    constexprs = {name: values[name] for name in constexpr_names}
+    label = config_name if config_name.endswith(f"_{io}") else f"{config_name}_{io}"
+    return KernelSpec(kernel_name, fn, signature, constexprs, f"{label}_{variant}",
+                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], arches=(arch,),
+                      expect_mma=dtype != torch.float32 and kernel_name != "attention_bwd_preprocess")
+
+
+def compile_specs() -> list[KernelSpec]:
+    """Every named config of every GPU architecture, at the dtypes and feature sets it serves."""
+    specs = []
+    for arch_key, arch in (("sm80", 80), ("sm90", 90)):
+        for config_name, cfg in ATTENTION_CONFIGS[arch_key].items():
+            kernel_key, bucket, suffix = re.fullmatch(r"(\w+?)_d(\d+)(_fp32|_extra)?", config_name).groups()
+            kernel_name, fn_name = _SPEC_KERNELS[kernel_key]
+            cases = _SPEC_CASES["preprocess" if kernel_key == "bwd_preprocess" else suffix or ""]
+            for dtype, variant in cases:
+                specs.append(_spec(kernel_name, globals()[fn_name], dtype, config_name, cfg, arch, int(bucket),
+                                   variant))
+    return specs

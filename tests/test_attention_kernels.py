@@ -1,0 +1,265 @@
+"""Kernel-level tests of llmfast.ops.attention: block skipping and edge masking, gradients the public suite does
+not reach (LSE, additive mask, Dv != D), determinism, the custom ops, dropout offsets and the named configs.
+
+The public API is covered by tests/test_attention.py; these tests target the kernels' internals. Under the
+interpreter the tiles are 16 x 16, so sequences of 30-70 tokens cross several blocks.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import llmfast
+from llmfast.ops import attention as attn
+from llmfast.reference import attention as ref
+
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+ATOL = {F16: 1e-3, BF16: 2e-3, F32: 1e-5}
+
+
+def launches() -> int:
+    return sum(n for name, n in llmfast.kernel_launch_counts().items() if name.startswith("attention_")
+               and "dropout_mask" not in name)
+
+
+def within_policy(name, got, want64, want_lowp, atol):
+    """flash-attn's policy: |got - truth| <= 2 |unfused low-precision - truth| + atol; infinities must match."""
+    assert not torch.isnan(got).any(), f"{name}: NaN"
+    finite = torch.isfinite(want64)
+    assert torch.equal(got.double()[~finite], want64[~finite]), f"{name}: non-finite entries differ"
+    got, want64, want_lowp = got.double()[finite], want64[finite], want_lowp.double()[finite]
+    if got.numel():
+        err = (got - want64).abs().max().item()
+        bound = 2 * (want_lowp - want64).abs().max().item() + atol
+        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g}"
+
+
+def compare(public, reference, inputs):
+    """Run ``public`` under backend "triton" and ``reference`` in float64 and the inputs' dtype; compare every
+    output and every input gradient (for a random upstream gradient on each output)."""
+    dtype = inputs[0].dtype
+    runs = {}
+    for key, call, cast in (("triton", public, lambda t: t.detach()),  # keeps the strides
+                            ("lowp", reference, lambda t: t.detach().clone()),
+                            ("exact", reference, lambda t: t.detach().to(F64))):
+        leaves = [cast(t).requires_grad_(t.requires_grad) for t in inputs]
+        before = launches()
+        with llmfast.backend("triton" if key == "triton" else "reference"):
+            outs = call(*leaves)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        if key == "triton":
+            assert launches() > before, "the Triton kernels did not run"
+        runs[key] = (leaves, outs)
+    torch.manual_seed(1)
+    upstream = [torch.randn(o.shape) for o in runs["exact"][1]]
+    for i, (got, lowp, exact) in enumerate(zip(runs["triton"][1], runs["lowp"][1], runs["exact"][1])):
+        within_policy(f"output {i}", got.detach(), exact.detach(), lowp.detach(), ATOL[dtype])
+    grads = {}
+    for key, (leaves, outs) in runs.items():
+        wanted = [t for t in leaves if t.requires_grad]
+        loss = sum((o.double() * g.double()).sum() for o, g in zip(outs, upstream) if o.requires_grad)
+        grads[key] = torch.autograd.grad(loss, wanted)
+    for i, (got, lowp, exact) in enumerate(zip(grads["triton"], grads["lowp"], grads["exact"])):
+        within_policy(f"grad {i}", got, exact, lowp, ATOL[dtype])
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------- block skipping
+
+# (Sq, Sk, window): windows whose edges cut through 16-wide blocks at different places, so every query block
+# runs some mix of left-edge, interior and right-edge key blocks (and some skip blocks entirely).
+WINDOW_CASES = [
+    (70, 70, (20, 0)),
+    (37, 70, (5, 9)),
+    (70, 37, (33, -1)),
+    (64, 64, (-1, 3)),
+    (48, 16, (0, 0)),      # the first 32 queries see no key at all
+    (16, 48, (40, 17)),
+    (50, 50, (0, -1)),     # only keys at or after the diagonal
+]
+
+
+@pytest.mark.parametrize("seqlen_q,seqlen_k,window", WINDOW_CASES, ids=str)
+def test_window_block_skipping_forward_backward_lse(seqlen_q, seqlen_k, window):
+    q, k, v = torch.randn(1, seqlen_q, 2, 16), torch.randn(1, seqlen_k, 2, 16), torch.randn(1, seqlen_k, 2, 16)
+    for t in (q, k, v):
+        t.requires_grad_()
+
+    def call(q, k, v):
+        out, lse, _ = llmfast.flash_attn_func(q, k, v, window_size=window, return_attn_probs=True)
+        return out, lse
+
+    compare(call, call, [q, k, v])
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sdpa_causal_top_left_with_more_queries_than_keys(is_causal):
+    # Top-left alignment: queries past Sk still see every key; block skipping must not drop them.
+    q, k, v = (torch.randn(1, 2, s, 16, requires_grad=True) for s in (45, 20, 20))
+    compare(lambda q, k, v: llmfast.scaled_dot_product_attention(q, k, v, is_causal=is_causal),
+            lambda q, k, v: llmfast.scaled_dot_product_attention(q, k, v, is_causal=is_causal), [q, k, v])
+
+
+# ---------------------------------------------------------------------------------------------- gradients
+
+def test_lse_receives_gradient():
+    q, k, v = torch.randn(1, 33, 2, 16, dtype=F16), torch.randn(1, 20, 2, 16, dtype=F16), \
+        torch.randn(1, 20, 2, 16, dtype=F16)
+    for t in (q, k, v):
+        t.requires_grad_()
+
+    def call(q, k, v):
+        out, lse, _ = llmfast.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+        return out, lse
+
+    compare(call, call, [q, k, v])
+
+
+@pytest.mark.parametrize("mask_shape", [(1, 2, 1, 23), (19, 23)], ids=["per-head-key", "per-pair"])
+def test_additive_mask_receives_gradient(mask_shape):
+    q, k, v = (torch.randn(2, 2, s, 16, requires_grad=True) for s in (19, 23, 23))
+    mask = torch.randn(mask_shape).requires_grad_()
+    compare(lambda q, k, v, m: llmfast.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=True),
+            lambda q, k, v, m: llmfast.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=True),
+            [q, k, v, mask])
+
+
+def test_value_head_dim_differs_from_query_head_dim():
+    q, k = torch.randn(1, 2, 21, 24, dtype=BF16), torch.randn(1, 2, 30, 24, dtype=BF16)
+    v = torch.randn(1, 2, 30, 40, dtype=BF16)
+    for t in (q, k, v):
+        t.requires_grad_()
+    compare(lambda q, k, v: llmfast.scaled_dot_product_attention(q, k, v, is_causal=True),
+            lambda q, k, v: llmfast.scaled_dot_product_attention(q, k, v, is_causal=True), [q, k, v])
+
+
+@pytest.mark.parametrize("shape", [(3, 17, 16), (17, 16)], ids=["unbatched", "2d"])
+def test_sdpa_fewer_leading_dims(shape):
+    # The judge sees the same problem with a leading batch dim of 1 added.
+    q, k, v = (torch.randn(*shape, requires_grad=True) for _ in range(3))
+    compare(lambda q, k, v: llmfast.scaled_dot_product_attention(q, k, v, is_causal=True),
+            lambda q, k, v: llmfast.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)[0],
+            [q, k, v])
+
+
+def test_head_dim_not_contiguous():
+    q, k, v = (torch.randn(1, 2, 20, 32)[..., ::2].requires_grad_() for _ in range(3))
+    assert q.stride(-1) == 2
+    compare(lambda q, k, v: llmfast.scaled_dot_product_attention(q, k, v),
+            lambda q, k, v: llmfast.scaled_dot_product_attention(q, k, v), [q, k, v])
+
+
+def test_varlen_sequence_without_keys_gives_zero_and_finite_grads():
+    cu_q = torch.tensor([0, 5, 12, 30], dtype=torch.int32)
+    cu_k = torch.tensor([0, 9, 9, 40], dtype=torch.int32)  # sequence 1 has queries but no keys
+    q, k, v = torch.randn(30, 2, 16), torch.randn(40, 2, 16), torch.randn(40, 2, 16)
+    for t in (q, k, v):
+        t.requires_grad_()
+    runs = compare(lambda q, k, v: llmfast.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 18, 31, causal=True),
+                   lambda q, k, v: llmfast.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 18, 31, causal=True),
+                   [q, k, v])
+    assert torch.all(runs["triton"][1][0][5:12] == 0)
+
+
+def test_backward_is_deterministic_with_gqa():
+    q = torch.randn(1, 4, 40, 16, dtype=F16, requires_grad=True)
+    k, v = (torch.randn(1, 1, 40, 16, dtype=F16, requires_grad=True) for _ in range(2))
+    upstream = torch.randn(1, 4, 40, 16, dtype=F16)
+    results = []
+    with llmfast.backend("triton"):
+        for _ in range(2):
+            out = llmfast.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            results.append(torch.autograd.grad(out, (q, k, v), upstream))
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+def test_empty_inputs():
+    q, k, v = torch.randn(2, 2, 0, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
+    with llmfast.backend("triton"):
+        out = llmfast.scaled_dot_product_attention(q, k, v)
+    assert out.shape == (2, 2, 0, 16)
+
+
+# ---------------------------------------------------------------------------------------------- custom ops
+
+def test_custom_op_registration_passes_opcheck():
+    q, k, v = (torch.randn(1, 2, 17, 16, requires_grad=True) for _ in range(3))
+    args = (q, k, v, None, None, None, 0, 0, "bhsd", 0.25, -1, 0, False, 0.0, None)
+    torch.library.opcheck(torch.ops.llmfast.flash_attention_forward.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph_flash_attn_with_lse():
+    def f(q, k, v):
+        out, lse, _ = llmfast.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+        return out, lse
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    q, k, v = (torch.randn(1, 20, 2, 16) for _ in range(3))
+    with llmfast.backend("triton"):
+        out, lse = compiled(q, k, v)
+        want_out, want_lse = f(q, k, v)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+
+
+# ---------------------------------------------------------------------------------------------- dropout
+
+def test_uint32_and_int64_dropout_offsets_draw_the_same_numbers():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def draw(out_narrow, out_wide, seed, BLOCK: tl.constexpr):
+        rows = tl.arange(0, BLOCK).to(tl.int64) * 1000003
+        cols = tl.arange(0, BLOCK)
+        narrow = attn._dropout_keep(seed, attn._dropout_offsets(rows, cols, False), 0.5)
+        wide = attn._dropout_keep(seed, attn._dropout_offsets(rows, cols, True), 0.5)
+        index = tl.arange(0, BLOCK)[:, None] * BLOCK + cols[None, :]
+        tl.store(out_narrow + index, narrow.to(tl.int8))
+        tl.store(out_wide + index, wide.to(tl.int8))
+
+    narrow, wide = torch.empty(16, 16, dtype=torch.int8), torch.empty(16, 16, dtype=torch.int8)
+    draw[(1,)](narrow, wide, 1234, BLOCK=16)
+    rows = torch.arange(16)[:, None] * 1000003 + torch.arange(16)[None, :]
+    want = ref.philox_uniform(1234, rows) >= 0.5
+    assert torch.equal(narrow.bool(), want) and torch.equal(wide.bool(), want)
+
+
+def test_dropout_keeps_about_one_minus_p():
+    keep = attn.dropout_keep_mask(7, 0.3, 2, 2, 40, 50)
+    assert abs(keep.float().mean().item() - 0.7) < 0.03
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+@pytest.mark.parametrize("arch", ["sm80", "sm90"])
+def test_named_configs_cover_every_case_and_are_compile_checked(arch):
+    spec_configs = {spec.config for spec in attn.compile_specs() if spec.arches == (int(arch[2:]),)}
+    for kernel in ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq"):
+        for head_dim in (8, 64, 65, 128, 129, 256):
+            for dtype in (F16, BF16, F32):
+                for extra in (False, True):
+                    cfg = attn._config(kernel, arch, attn._block_d(head_dim), dtype, extra)
+                    name = attn._config_name(kernel, attn._block_d(head_dim), dtype, extra)
+                    assert attn.ATTENTION_CONFIGS[arch][name] is cfg
+                    assert any(c.startswith(name + "_") for c in spec_configs), f"{name} is not compile-checked"
+                    blocks = [v for key, v in cfg.items() if key.startswith("BLOCK_")]
+                    assert all(b >= 16 and b & (b - 1) == 0 for b in blocks)
+
+
+def test_fp32_uses_ieee_unless_tf32_is_allowed():
+    q = torch.randn(1, 1, 4, 16)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        flags = []
+        for allow in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = allow
+            problem = attn._Problem(q, q, q, None, None, None, 0, 0, "bhsd", 1.0, -1, -1, False, 0.0, None)
+            flags.append(problem.fp32_ieee)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    assert flags == [True, False]
