@@ -314,6 +314,23 @@ def test_fused_inference_and_gpt_signature():
     torch.testing.assert_close(loss, F.cross_entropy(hidden @ weight.t(), target))
 
 
+def test_fused_under_autocast_follows_linear_and_cross_entropy():
+    hidden = torch.randn(16, 8, requires_grad=True)
+    weight = torch.randn(40, 8, requires_grad=True)
+    target = torch.randint(0, 40, (16,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with llmfast.backend("triton"):
+            loss = llmfast.fused_linear_cross_entropy(hidden, weight, target)
+        want = F.cross_entropy(F.linear(hidden, weight), target)
+    assert loss.dtype == want.dtype == torch.float32  # the loss in fp32, the projection in bf16, as torch
+    torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    want_grads = torch.autograd.grad(want, (hidden, weight))
+    for g, w in zip(grads, want_grads):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, atol=2e-3, rtol=2e-2)
+
+
 def test_fused_scaled_upstream_gradient_and_double_backward():
     hidden = torch.randn(8, 4, requires_grad=True)
     weight = torch.randn(20, 4, requires_grad=True)

@@ -419,15 +419,16 @@ def _linear_ce_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
-                ignore_index: int, reduction: str, label_smoothing: float, chunk: int, rows_fn: _RowsFn
-                ) -> torch.Tensor:
+                ignore_index: int, reduction: str, label_smoothing: float, chunk: int, rows_fn: _RowsFn,
+                loss_dtype: torch.dtype) -> torch.Tensor:
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         n_valid = (target != ignore_index).sum().to(torch.float32)
         grad_scale = None
         if any(need) and reduction != "none":
             grad_scale = 1.0 / n_valid if reduction == "mean" else torch.ones((), device=hidden.device)
-        loss_rows, gh, gw, gb = _linear_ce_chunks(hidden, weight, bias, target, ignore_index, label_smoothing,
-                                                  rows_fn, chunk, grad_scale, need)
+        with torch.autocast(hidden.device.type, enabled=False):  # inputs are already in the dtype to use
+            loss_rows, gh, gw, gb = _linear_ce_chunks(hidden, weight, bias, target, ignore_index, label_smoothing,
+                                                      rows_fn, chunk, grad_scale, need)
         ctx.need, ctx.reduction = need, reduction
         ctx.weight_dtype = weight.dtype
         ctx.grads = (gh, gw, gb)
@@ -436,7 +437,7 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
             # The per-row upstream gradient is known only in backward: keep the inputs and recompute there.
             ctx.save_for_backward(hidden, weight, bias, target)
             ctx.recompute = (ignore_index, label_smoothing, chunk, rows_fn)
-        return _reduce(loss_rows, n_valid, reduction, hidden.dtype)
+        return _reduce(loss_rows, n_valid, reduction, loss_dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -444,8 +445,9 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.reduction == "none":
             hidden, weight, bias, target = ctx.saved_tensors
             ignore_index, label_smoothing, chunk, rows_fn = ctx.recompute
-            _, gh, gw, gb = _linear_ce_chunks(hidden, weight, bias, target, ignore_index, label_smoothing, rows_fn,
-                                              chunk, grad_output.reshape(-1).float(), ctx.need)
+            with torch.autocast(hidden.device.type, enabled=False):
+                _, gh, gw, gb = _linear_ce_chunks(hidden, weight, bias, target, ignore_index, label_smoothing,
+                                                  rows_fn, chunk, grad_output.reshape(-1).float(), ctx.need)
         else:
             gh, gw, gb = ctx.grads
             if float(grad_output) != 1.0:
@@ -459,7 +461,7 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
         ctx.grads = (None, None, None)
         gw = gw.to(ctx.weight_dtype) if gw is not None else None
         gb = gb.to(ctx.weight_dtype) if gb is not None else None
-        return gh, gw, gb, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -501,6 +503,14 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if weight.shape[0] == 0:
         raise ValueError("weight must have at least one row (class), got shape (0, C)")
+    device_type = hidden.device.type
+    loss_dtype = hidden.dtype
+    if torch.is_autocast_enabled(device_type):
+        loss_dtype = torch.float32  # as F.cross_entropy under autocast
+        # As F.linear would under autocast: the projection runs in the autocast dtype (the loss math is fp32).
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     flat_target = target.reshape(-1).contiguous()
     _check_target_values(flat_target, weight.shape[0], ignore_index)
@@ -512,7 +522,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         else _cross_entropy_rows_torch
     chunk = chunk_size or chunk_rows(hidden2d.shape[0], weight.shape[0], hidden.element_size())
     loss = _FusedLinearCrossEntropyFunction.apply(hidden2d, weight, bias, flat_target, ignore_index, reduction,
-                                                  float(label_smoothing), chunk, rows_fn)
+                                                  float(label_smoothing), chunk, rows_fn, loss_dtype)
     return loss.reshape(target.shape) if reduction == "none" else loss
 
 
