@@ -367,15 +367,23 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return torch.addmm(bias, hidden, weight.t()) if bias is not None else hidden @ weight.t()
 
 
+_mm_out_dtype_works = True  # torch.mm(..., out_dtype=) for 16-bit CUDA inputs: torch >= 2.8
+
+
 def _accumulate_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
     """acc (fp32) += grad_logits.T @ hidden without rounding the chunk's product to a 16-bit dtype (rounding
     every chunk's partial sum would add up to several times the error of torch's single matmul)."""
+    global _mm_out_dtype_works
     if grad_logits.dtype == acc.dtype:
         acc.addmm_(grad_logits.t(), hidden)
-    elif grad_logits.is_cuda:
-        acc += torch.mm(grad_logits.t(), hidden, out_dtype=acc.dtype)  # 16-bit tensor cores, fp32 result
-    else:
-        acc.addmm_(grad_logits.t().to(acc.dtype), hidden.to(acc.dtype))
+        return
+    if grad_logits.is_cuda and _mm_out_dtype_works:
+        try:
+            acc += torch.mm(grad_logits.t(), hidden, out_dtype=acc.dtype)  # 16-bit tensor cores, fp32 result
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _mm_out_dtype_works = False
+    acc.addmm_(grad_logits.t().to(acc.dtype), hidden.to(acc.dtype))
 
 
 def _linear_ce_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
@@ -389,7 +397,7 @@ def _linear_ce_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     loss_rows = torch.empty(n_rows, device=hidden.device, dtype=torch.float32)
     compute_grad = grad_scale is not None
     grad_hidden = torch.empty_like(hidden) if compute_grad and need[0] else None
-    # fp32 accumulators across chunks; a low-precision chunk product is rounded once before it is added.
+    # fp32 accumulators across chunks, cast to the weight's dtype once at the end.
     grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) \
         if compute_grad and need[1] else None
     grad_bias = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) \

@@ -7,11 +7,11 @@ input dtype. Three shapes of work, all the same few kernels at different tiles:
   thousand elements and the launch is not dominated by tiny programs;
 * **rows that fit a block** (up to ``MAX_SINGLE_PASS_COLS``): one program holds whole rows in registers, reads
   once, writes once;
-* **long rows** (any length beyond that, 10^6 and more): an *online* softmax. Each row is cut into segments; a
-  first kernel loops over its segment keeping a running max and a running sum of ``exp(x - max)`` per lane (the
-  sum is rescaled whenever the max grows), a second kernel merges the segments' (max, sum) pairs and loops over
-  the segment again to write the output. Splitting rows into segments keeps the whole GPU busy when there are
-  few long rows.
+* **long rows** (any length beyond that, 10^6 and more): a looped *online* softmax. A program loops over the row
+  keeping a running max and a running sum of ``exp(x - max)`` per lane (the sum is rescaled whenever the max
+  grows), then loops again to write the output; the second read mostly hits L2, which still holds the row the
+  program just read. When there are too few rows to fill the GPU, rows are cut into segments: a first kernel
+  writes each segment's (max, sum), a second merges them and normalises its segment.
 
 Rows are addressed through strides, so softmax along a dim that is not the last one runs in place on the
 original layout (the "strided" tiles put consecutive rows, which are contiguous in memory, along the tile's first
@@ -29,7 +29,6 @@ float64 inputs are served by torch's native kernels (the Triton kernels compute 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Sequence
 
 import torch
@@ -754,7 +753,7 @@ def masked_softmax(x: torch.Tensor, mask: torch.Tensor | None = None, scale: flo
         elif mask.dtype == torch.bool:
             mask = mask & keep
         else:
-            mask = mask.masked_fill(~keep, float("-inf"))
+            mask = torch.where(keep, mask, float("-inf"))
         causal = False
     if x.dim() == 0:
         return _MaskedSoftmaxFunction.apply(x.reshape(1), None if mask is None else mask.reshape(1), float(scale),
