@@ -382,7 +382,8 @@ def test_cross_entropy_loss_module_is_drop_in():
     assert llmfast.kernel_launch_counts() == {"cross_entropy_fwd": 1}
     # per-class weights and probability targets: torch computes them
     w = torch.rand(12)
-    torch.testing.assert_close(nn_ce.CrossEntropyLoss(weight=w)(logits, t), torch.nn.CrossEntropyLoss(weight=w)(logits, t))
+    torch.testing.assert_close(nn_ce.CrossEntropyLoss(weight=w)(logits, t),
+                               torch.nn.CrossEntropyLoss(weight=w)(logits, t))
     probs = torch.softmax(torch.randn(6, 12), -1)
     torch.testing.assert_close(nn_ce.CrossEntropyLoss()(logits, probs), F.cross_entropy(logits, probs))
     with pytest.warns(UserWarning, match="size_average"):

@@ -29,7 +29,7 @@ float64 inputs are served by torch's native kernels (the Triton kernels compute 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -117,7 +117,7 @@ def cast_out(y, OUT_DTYPE: tl.constexpr):
     if EMULATE_BF16_ROUNDING and OUT_DTYPE == tl.bfloat16:
         bits = y.to(tl.uint32, bitcast=True)
         bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        y = tl.where(y != y, y, bits.to(tl.float32, bitcast=True))
+        y = tl.where(y != y, y, bits.to(tl.float32, bitcast=True))  # noqa: PLR0124 (NaN test)
     return y.to(OUT_DTYPE)
 
 
@@ -508,7 +508,7 @@ def _run_forward(x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None, 
     mask_strides = rows.strides[2] if mask is not None else (0, 0, 0, 0)
     _, tile, looped = pick_tile(rows.n_cols, mask is None and _is_strided(rows, 0))
     row_programs = _grid_rows(rows, tile)
-    common = dict(scale=float(scale), causal=int(causal), q_len=max(1, q_len))
+    common = {"scale": float(scale), "causal": int(causal), "q_len": max(1, q_len)}
     if not looped:
         _backend.record_kernel_launch(f"{op}_fwd")
         _softmax_fwd_kernel[(row_programs,)](
@@ -574,8 +574,8 @@ def _last(t: torch.Tensor, dim: int) -> torch.Tensor:
 def _forward(x: torch.Tensor, dim: int, mask: torch.Tensor | None, *, op: str, log: bool, scale: float = 1.0,
              causal: bool = False, zero_empty_rows: bool = False) -> torch.Tensor:
     """Allocate the output in x's layout and run the forward kernels along ``dim``."""
-    kw = dict(op=op, log=log, scale=scale, causal=causal, q_len=x.shape[-2] if causal else 1,
-              zero_empty_rows=zero_empty_rows)
+    kw = {"op": op, "log": log, "scale": scale, "causal": causal, "q_len": x.shape[-2] if causal else 1,
+          "zero_empty_rows": zero_empty_rows}
     out = torch.empty_like(x)
     mask = mask.expand(x.shape) if mask is not None else None
     views = [_last(t, dim) for t in (x, out, mask) if t is not None]
@@ -641,7 +641,7 @@ class _MaskedSoftmaxFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         (y,) = ctx.saved_tensors
         if ctx.needs_input_grad[1]:
-            # An additive mask (e.g. a learned bias) gets d(score) summed over its broadcast dims; x gets scale times it.
+            # An additive mask (e.g. a learned bias) gets d(score) summed over its broadcast dims; x gets scale x it.
             d_scores = _backward(y, dy, ctx.dim, op="masked_softmax", log=False, scale=1.0)
             dx = d_scores * ctx.scale if ctx.needs_input_grad[0] else None
             return dx, d_scores.sum_to_size(ctx.mask_shape), None, None, None
