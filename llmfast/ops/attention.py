@@ -308,13 +308,20 @@ def _scores(qk, qk_scale, mask_ptrs, mask_ok, rows, cols, seqlen_k, diag, window
         else:
             s += tl.load(mask_ptrs, mask=mask_ok, other=0.0).to(tl.float32) * 1.4426950408889634
     if EDGE:
-        allowed = cols < seqlen_k
-        if HAS_RIGHT:
-            allowed = allowed & (cols <= rows + (diag + window_right))
-        if HAS_LEFT:
-            allowed = allowed & (cols >= rows + (diag - window_left))
-        s = tl.where(allowed, s, -float("inf"))
+        s = _band(s, rows, cols, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
     return s
+
+
+@triton.jit
+def _band(s, rows, cols, seqlen_k, diag, window_left, window_right, HAS_LEFT: tl.constexpr,
+          HAS_RIGHT: tl.constexpr):
+    """-inf outside the causal band / sliding window and past the last key."""
+    allowed = cols < seqlen_k
+    if HAS_RIGHT:
+        allowed = allowed & (cols <= rows + (diag + window_right))
+    if HAS_LEFT:
+        allowed = allowed & (cols >= rows + (diag - window_left))
+    return tl.where(allowed, s, -float("inf"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -479,34 +486,36 @@ def _attn_bwd_preprocess_kernel(
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
                          stride_qm, stride_dom, stride_mm, stride_mn, offs_n, seqlen_q, seqlen_k, diag,
-                         window_left, window_right, qk_scale, seed, dropout_p, drop_base, Sk, lo, hi,
+                         window_left, window_right, qk_scale, seed, dropout_p, drop_base, Sk,
+                         lo, full_lo, full_hi, hi,
                          HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
-                         BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, EDGE: tl.constexpr,
+                         BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr,
                          MASK_IS_BOOL: tl.constexpr, DROPOUT: tl.constexpr, WIDE_DROPOUT: tl.constexpr,
                          FP32_IEEE: tl.constexpr):
     # Works on the transposed problem (keys x queries) so dK and dV accumulate with plain row-major dots.
+    # One loop over the query blocks in [lo, hi); only those outside [full_lo, full_hi) take the band mask (a
+    # runtime branch: a single loop body keeps the register pressure of the backward pass down).
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d,
-                       HEAD_D, BLOCK_D, EDGE)
+                       HEAD_D, BLOCK_D, True)
         do = _load_rows(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, seqlen_q, offs_dv,
-                        HEAD_DV, BLOCK_DV, EDGE)
-        if EDGE:
-            lse = tl.load(lse_base + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
-            delta = tl.load(delta_base + offs_m, mask=offs_m < seqlen_q, other=0.0)
-        else:
-            lse = tl.load(lse_base + offs_m)
-            delta = tl.load(delta_base + offs_m)
-        # Rows with no allowed key stored LSE = -inf: use +inf so their probabilities come out 0, not NaN.
+                        HEAD_DV, BLOCK_DV, True)
+        lse = tl.load(lse_base + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
+        delta = tl.load(delta_base + offs_m, mask=offs_m < seqlen_q, other=0.0)
+        # Rows with no allowed key stored LSE = -inf, rows past the end read +inf: either way P comes out 0.
         lse2 = tl.where(lse == -float("inf"), float("inf"), lse * 1.4426950408889634)
         qk_t = _dot(k, tl.trans(q), None, FP32_IEEE)
         mask_ptrs = mask_base + offs_m[None, :] * stride_mm + offs_n[:, None] * stride_mn
         mask_ok = (offs_m[None, :] < seqlen_q) & (offs_n[:, None] < seqlen_k)
         s_t = _scores(qk_t, qk_scale, mask_ptrs, mask_ok, offs_m[None, :], offs_n[:, None], seqlen_k, diag,
-                      window_left, window_right, HAS_MASK, MASK_IS_BOOL, EDGE, HAS_LEFT, HAS_RIGHT)
+                      window_left, window_right, HAS_MASK, MASK_IS_BOOL, False, HAS_LEFT, HAS_RIGHT)
+        if (start_m < full_lo) | (start_m >= full_hi):
+            s_t = _band(s_t, offs_m[None, :], offs_n[:, None], seqlen_k, diag, window_left, window_right,
+                        HAS_LEFT, HAS_RIGHT)
         p_t = tl.math.exp2(s_t - lse2[None, :])
         dp_t = _dot(v, tl.trans(do), None, FP32_IEEE)
         if DROPOUT:
@@ -575,21 +584,10 @@ def _attn_bwd_dkdv_kernel(
         delta_base = Delta + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_row0
         mask_base = Mask + b64 * stride_mb + h.to(tl.int64) * stride_mh
         drop_base = (b64 * num_heads + h) * Sq
-        if HAS_RIGHT:
-            dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, stride_qm, stride_dom,
-                stride_mm, stride_mn, offs_n, seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, seed,
-                dropout_p, drop_base, Sk, lo, full_lo, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, True,
-                HAS_LEFT, HAS_RIGHT, HAS_MASK, MASK_IS_BOOL, DROPOUT, WIDE_DROPOUT, FP32_IEEE)
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, stride_qm, stride_dom,
             stride_mm, stride_mn, offs_n, seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, seed,
-            dropout_p, drop_base, Sk, full_lo, full_hi, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, False,
-            HAS_LEFT, HAS_RIGHT, HAS_MASK, MASK_IS_BOOL, DROPOUT, WIDE_DROPOUT, FP32_IEEE)
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, stride_qm, stride_dom,
-            stride_mm, stride_mn, offs_n, seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, seed,
-            dropout_p, drop_base, Sk, full_hi, hi, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, True,
+            dropout_p, drop_base, Sk, lo, full_lo, full_hi, hi, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M,
             HAS_LEFT, HAS_RIGHT, HAS_MASK, MASK_IS_BOOL, DROPOUT, WIDE_DROPOUT, FP32_IEEE)
 
     dk = dk * sm_scale
@@ -603,25 +601,29 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_base, stride_kn, stride_vn,
                        stride_mm, stride_mn, offs_m, seqlen_q, seqlen_k, diag, window_left, window_right,
-                       qk_scale, seed, dropout_p, drop_rows, Sk, lo, hi,
+                       qk_scale, seed, dropout_p, drop_rows, Sk, lo, full_lo, full_hi, hi,
                        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
-                       BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr, HAS_LEFT: tl.constexpr,
+                       BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr,
                        HAS_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
                        DROPOUT: tl.constexpr, WIDE_DROPOUT: tl.constexpr, FP32_IEEE: tl.constexpr,
                        STORE_DS: tl.constexpr):
+    # One loop with a runtime branch for the edge blocks, as in _attn_bwd_dkdv_inner.
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, seqlen_k, offs_d,
-                       HEAD_D, BLOCK_D, EDGE)
+                       HEAD_D, BLOCK_D, True)
         v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, seqlen_k, offs_dv,
-                       HEAD_DV, BLOCK_DV, EDGE)
+                       HEAD_DV, BLOCK_DV, True)
         qk = _dot(q, tl.trans(k), None, FP32_IEEE)
         mask_ptrs = mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
         mask_ok = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
         s = _scores(qk, qk_scale, mask_ptrs, mask_ok, offs_m[:, None], offs_n[None, :], seqlen_k, diag,
-                    window_left, window_right, HAS_MASK, MASK_IS_BOOL, EDGE, HAS_LEFT, HAS_RIGHT)
+                    window_left, window_right, HAS_MASK, MASK_IS_BOOL, False, HAS_LEFT, HAS_RIGHT)
+        if (start_n < full_lo) | (start_n >= full_hi):
+            s = _band(s, offs_m[:, None], offs_n[None, :], seqlen_k, diag, window_left, window_right,
+                      HAS_LEFT, HAS_RIGHT)
         p = tl.math.exp2(s - lse2[:, None])
         dp = _dot(do, tl.trans(v), None, FP32_IEEE)
         if DROPOUT:
@@ -691,21 +693,10 @@ def _attn_bwd_dq_kernel(
     last_m = tl.minimum(m_start + BLOCK_M, seqlen_q) - 1
     lo, full_lo, full_hi, hi = _key_range(m_start, last_m, seqlen_k, diag, window_left, window_right, BLOCK_N,
                                           HAS_LEFT, HAS_RIGHT)
-    if HAS_LEFT:
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_base, stride_kn, stride_vn, stride_mm, stride_mn,
-            offs_m, seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, seed, dropout_p, drop_rows, Sk,
-            lo, full_lo, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_MASK,
-            MASK_IS_BOOL, DROPOUT, WIDE_DROPOUT, FP32_IEEE, STORE_DS)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_base, stride_kn, stride_vn, stride_mm, stride_mn,
         offs_m, seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, seed, dropout_p, drop_rows, Sk,
-        full_lo, full_hi, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_MASK,
-        MASK_IS_BOOL, DROPOUT, WIDE_DROPOUT, FP32_IEEE, STORE_DS)
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_base, stride_kn, stride_vn, stride_mm, stride_mn,
-        offs_m, seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, seed, dropout_p, drop_rows, Sk,
-        full_hi, hi, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_MASK,
+        lo, full_lo, full_hi, hi, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_MASK,
         MASK_IS_BOOL, DROPOUT, WIDE_DROPOUT, FP32_IEEE, STORE_DS)
 
     dq = dq * sm_scale
