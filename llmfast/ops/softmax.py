@@ -57,6 +57,7 @@ class Tile:
 # program with more warps as rows grow, 16-32 values per thread. Rows shorter than 16 use the 16-column tile.
 # A 32768-column row spills on sm_90 even at 16 or 32 warps, so longer rows take the looped kernels.
 MAX_SINGLE_PASS_COLS = 16384
+MAX_SINGLE_PASS_COLS_MASKED = 8192  # the mask's loads make ptxas spill at 16384 columns (bf16, sm_90)
 ROW_TILES: dict[str, Tile] = {
     "row_c16": Tile(128, 16, 4),
     "row_c32": Tile(64, 32, 4),
@@ -456,15 +457,16 @@ def _collapse_rows(tensors: Sequence[torch.Tensor]) -> _Rows | None:
     return _Rows(levels[0][0], levels[1][0], levels[2][0], shape[-1], per_tensor)
 
 
-def pick_tile(n_cols: int, strided: bool) -> tuple[str, Tile, bool]:
-    """The tile for rows of ``n_cols``: (config name, tile, looped). ``strided``: columns are not contiguous."""
+def pick_tile(n_cols: int, strided: bool, masked: bool = False) -> tuple[str, Tile, bool]:
+    """The tile for rows of ``n_cols``: (config name, tile, looped). ``strided``: consecutive rows, not columns,
+    are contiguous (and no mask is read); ``masked``: a mask tensor is read along with x."""
     if strided:
         if n_cols <= MAX_SINGLE_PASS_STRIDED_COLS:
             width = triton.next_power_of_2(n_cols)
             name = next(n for n, t in STRIDED_TILES.items() if t.block_c >= width)
             return name, STRIDED_TILES[name], False
         return "looped_strided", LOOPED_TILES["looped_strided"], True
-    if n_cols <= MAX_SINGLE_PASS_COLS:
+    if n_cols <= (MAX_SINGLE_PASS_COLS_MASKED if masked else MAX_SINGLE_PASS_COLS):
         name = f"row_c{max(16, triton.next_power_of_2(n_cols))}"
         return name, ROW_TILES[name], False
     return "looped_row", LOOPED_TILES["looped_row"], True
@@ -506,7 +508,7 @@ def _run_forward(x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None, 
     mask_mode = MASK_NONE if mask is None else MASK_BOOL if mask.dtype == torch.bool else MASK_ADD
     mask_arg = _as_kernel_arg(mask) if mask is not None else x
     mask_strides = rows.strides[2] if mask is not None else (0, 0, 0, 0)
-    _, tile, looped = pick_tile(rows.n_cols, mask is None and _is_strided(rows, 0))
+    _, tile, looped = pick_tile(rows.n_cols, mask is None and _is_strided(rows, 0), masked=mask is not None)
     row_programs = _grid_rows(rows, tile)
     common = {"scale": float(scale), "causal": int(causal), "q_len": max(1, q_len)}
     if not looped:
@@ -837,8 +839,10 @@ def compile_specs() -> list[KernelSpec]:
                     "max_ptr": "*fp32", "sum_ptr": "*fp32"}
             masked = mask_mode != MASK_NONE
             strides = ("x", "out", "mask") if masked else ("x", "out")
-            # Masked inputs always take the row tiles (see STRIDED_TILES).
+            # Masked inputs take the row tiles only (see STRIDED_TILES), up to MAX_SINGLE_PASS_COLS_MASKED.
             for kind, cfg, tile in row_tiles + ([] if masked else strided_tiles):
+                if masked and tile.block_c > MAX_SINGLE_PASS_COLS_MASKED:
+                    continue
                 add(f"{variant}_fwd", _softmax_fwd_kernel, kind, cfg, tile, t, ptrs, strides, LOG=log,
                     MASK_MODE=mask_mode)
             for cfg, (kind, tile) in looped.items():
