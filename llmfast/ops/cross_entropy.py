@@ -396,7 +396,8 @@ def _linear_ce_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     n_rows = hidden.shape[0]
     loss_rows = torch.empty(n_rows, device=hidden.device, dtype=torch.float32)
     compute_grad = grad_scale is not None
-    grad_hidden = torch.empty_like(hidden) if compute_grad and need[0] else None
+    grad_hidden = torch.empty(hidden.shape, device=hidden.device, dtype=hidden.dtype) \
+        if compute_grad and need[0] else None
     # fp32 accumulators across chunks, cast to the weight's dtype once at the end.
     grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) \
         if compute_grad and need[1] else None
