@@ -180,13 +180,21 @@ class CoreBPE {
 
     const Encoder& encoder() const { return *encoder_; }
 
-    py::list to_list(const std::vector<Rank>& tokens) const {
-        PyObject* list = PyList_New(static_cast<Py_ssize_t>(tokens.size()));
+    py::list to_list(const llmfast::TokenBuffer& tokens) const {
+        const size_t n = tokens.size();
+        const Rank* t = tokens.data();
+        PyObject* list = PyList_New(static_cast<Py_ssize_t>(n));
         if (!list) throw py::error_already_set();
-        for (size_t i = 0; i < tokens.size(); ++i) {
-            const Rank r = tokens[i];
+        // The ints' reference counts are scattered over megabytes that other work has usually pushed out of the
+        // cache: fetch the table slot, then the int, some tokens ahead, so the misses overlap.
+        const size_t n_ints = ints_.size();
+        constexpr size_t kSlotAhead = 64, kIntAhead = 32;
+        for (size_t i = 0; i < n; ++i) {
+            if (i + kSlotAhead < n && t[i + kSlotAhead] < n_ints) __builtin_prefetch(&ints_[t[i + kSlotAhead]]);
+            if (i + kIntAhead < n && t[i + kIntAhead] < n_ints) __builtin_prefetch(ints_[t[i + kIntAhead]].ptr(), 1);
+            const Rank r = t[i];
             PyObject* v;
-            if (r < ints_.size()) {
+            if (r < n_ints) {
                 v = ints_[r].ptr();
                 Py_INCREF(v);
             } else {
@@ -201,7 +209,7 @@ class CoreBPE {
         return py::reinterpret_steal<py::list>(list);
     }
 
-    static py::array_t<uint32_t> to_numpy(const std::vector<Rank>& tokens) {
+    static py::array_t<uint32_t> to_numpy(const llmfast::TokenBuffer& tokens) {
         py::array_t<uint32_t> arr(static_cast<py::ssize_t>(tokens.size()));
         if (!tokens.empty()) std::memcpy(arr.mutable_data(), tokens.data(), tokens.size() * sizeof(Rank));
         return arr;
@@ -235,13 +243,13 @@ class CoreBPE {
     }
 
     // Shared by encode / encode_to_numpy: disallowed check, then encode, all without the GIL.
-    std::vector<Rank> encode_tokens(py::handle text, const py::object& allowed, const py::object& disallowed) const {
+    llmfast::TokenBuffer encode_tokens(py::handle text, const py::object& allowed, const py::object& disallowed) const {
         require_native();
         py::object holder;
         std::string_view t = utf8_of(text, "text", holder);
         const uint8_t* allow = mask_of(allowed, "allowed_mask");
         const uint8_t* forbid = mask_of(disallowed, "disallowed_mask");
-        std::vector<Rank> out;
+        llmfast::TokenBuffer out;
         size_t pos = 0, index = 0;
         bool bad = false;
         {
@@ -271,7 +279,7 @@ class CoreBPE {
         for (size_t i = 0; i < n; ++i) views[i] = utf8_of(items[i], "text items", holders[i]);
         const uint8_t* allow = mask_of(allowed, "allowed_mask");
         const uint8_t* forbid = mask_of(disallowed, "disallowed_mask");
-        std::vector<std::vector<Rank>> results(n);
+        std::vector<llmfast::TokenBuffer> results(n);
         std::vector<long long> bad(n, -1);
         {
             py::gil_scoped_release release;
@@ -290,7 +298,7 @@ class CoreBPE {
         py::list out(n);
         for (size_t i = 0; i < n; ++i) {
             out[i] = to_list(results[i]);
-            std::vector<Rank>().swap(results[i]);
+            results[i] = llmfast::TokenBuffer();
         }
         return out;
     }
@@ -489,7 +497,7 @@ PYBIND11_MODULE(_C, m) {
                  std::vector<py::object> holders(n);
                  std::vector<std::string_view> views(n);
                  for (size_t i = 0; i < n; ++i) views[i] = utf8_of(items[i], "pieces items", holders[i]);
-                 std::vector<Rank> out;
+                 llmfast::TokenBuffer out;
                  {
                      py::gil_scoped_release release;
                      c.encoder().encode_pieces(views, out);
@@ -500,7 +508,7 @@ PYBIND11_MODULE(_C, m) {
         .def("encode_single_piece",
              [](const CoreBPE& c, py::handle piece) {
                  std::string_view b = bytes_of(piece, "piece");
-                 std::vector<Rank> out;
+                 llmfast::TokenBuffer out;
                  {
                      py::gil_scoped_release release;
                      c.encoder().bpe().encode_piece(b, out);

@@ -1,6 +1,7 @@
 #include "bpe.h"
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <stdexcept>
 
@@ -99,6 +100,34 @@ bool BytesRankMap::build(const std::vector<std::pair<std::string_view, Rank>>& e
     mask_ = mask;
     count_ = entries.size();
     return true;
+}
+
+// The piece caches of one thread: one per recently used encoder, so alternating between a few encodings does not
+// clear them; the least recently used is taken over (and cleared) for a new encoder.
+struct PieceCachePool {
+    static constexpr size_t kCaches = 4;
+    std::unique_ptr<PieceCache> caches[kCaches];
+    uint64_t clock = 0;
+};
+
+PieceCache& PieceCache::for_thread(uint64_t owner) {
+    thread_local PieceCachePool pool;
+    const uint64_t now = ++pool.clock;
+    std::unique_ptr<PieceCache>* victim = nullptr;
+    for (auto& cache : pool.caches) {
+        if (cache && cache->owner_ == owner) {
+            cache->last_use_ = now;
+            return *cache;
+        }
+        if (!victim || !cache || (*victim && cache->last_use_ < (*victim)->last_use_)) victim = &cache;
+    }
+    if (*victim)
+        std::fill_n((*victim)->sets_.get(), kSets, Set{});
+    else
+        *victim = std::make_unique<PieceCache>();
+    (*victim)->owner_ = owner;
+    (*victim)->last_use_ = now;
+    return **victim;
 }
 
 void BytePairEncoder::build(const std::vector<std::pair<std::string, Rank>>& mergeable) {
@@ -207,36 +236,33 @@ void BytePairEncoder::build(const std::vector<std::pair<std::string, Rank>>& mer
     }
     ranks_ = std::move(map);
     max_rank_ = max_rank;
+    static std::atomic<uint64_t> builds{0};
+    id_ = ++builds;  // a fresh number: caches filled under any earlier vocabulary never match
 }
 
-void BytePairEncoder::encode_piece(std::string_view piece, std::vector<Rank>& out) const {
-    if (piece.empty()) return;
-    if (piece.size() == 1) {
-        out.push_back(byte_ranks_[static_cast<uint8_t>(piece[0])]);
-        return;
-    }
+Rank* BytePairEncoder::encode_short_uncached(std::string_view piece, const PieceCache::Key& key, Rank* w,
+                                             PieceCache& cache) const {
+    const Rank whole = ranks_.find(piece);
+    Rank* end = whole != kNoRank ? (*w = whole, w + 1) : merge_short(piece, w);
+    const size_t count = static_cast<size_t>(end - w);
+    if (count <= PieceCache::kMaxTokens) cache.insert(key, w, count);
+    return end;
+}
+
+Rank* BytePairEncoder::encode_long(std::string_view piece, Rank* w, PieceCache& cache) const {
     const Rank whole = ranks_.find(piece);
     if (whole != kNoRank) {
-        out.push_back(whole);
-        return;
+        *w = whole;
+        return w + 1;
     }
-    merge_piece(piece, out);
-}
-
-void BytePairEncoder::merge_piece(std::string_view piece, std::vector<Rank>& out) const {
-    if (piece.size() <= kShortPiece)
-        merge_short(piece, out);
-    else if (piece.size() <= kChunkPiece)
-        merge_chunked(piece, out);
-    else
-        merge_long(piece, out);
+    return piece.size() <= kChunkPiece ? merge_chunked(piece, w, cache) : merge_long(piece, w);
 }
 
 // Cuts the piece where no token spans the cut and merges each chunk alone. A merge always creates a token covering
 // both parts, so no merge crosses such a cut, and merges on either side never interact: the result equals merging
 // the whole piece. Walking the trie from each start s gives the end of the longest token starting at s; a position k
 // is a cut when no token starting before k ends after it.
-void BytePairEncoder::merge_chunked(std::string_view piece, std::vector<Rank>& out) const {
+Rank* BytePairEncoder::merge_chunked(std::string_view piece, Rank* w, PieceCache& cache) const {
     const size_t n = piece.size();
     const uint8_t* p = reinterpret_cast<const uint8_t*>(piece.data());
     size_t chunk_start = 0;
@@ -245,11 +271,13 @@ void BytePairEncoder::merge_chunked(std::string_view piece, std::vector<Rank>& o
     Rank chunk_token = kNoRank;        // and its rank
     auto emit = [&](size_t a, size_t b) {
         if (b - a == 1)
-            out.push_back(byte_ranks_[p[a]]);
+            *w++ = byte_ranks_[p[a]];
         else if (chunk_token_end == b)
-            out.push_back(chunk_token);
+            *w++ = chunk_token;
+        else if (b - a <= kShortPiece)
+            w = encode_short(piece.substr(a, b - a), w, cache);
         else
-            merge_any(piece.substr(a, b - a), out);
+            w = merge_long(piece.substr(a, b - a), w);
     };
     for (size_t s = 0; s < n; ++s) {
         if (s > chunk_start && reach <= s) {
@@ -272,12 +300,13 @@ void BytePairEncoder::merge_chunked(std::string_view piece, std::vector<Rank>& o
         if (end > reach) reach = end;
     }
     emit(chunk_start, n);
+    return w;
 }
 
 // tiktoken's scan over parts: token[i] is part i's rank, pair[i] the rank of parts i and i+1 joined. Each step finds
 // the lowest pair (leftmost on ties), joins it, and refreshes only the two pairs that touch the joined part.
 // Quadratic in the piece, so only for short pieces, where it beats a heap.
-void BytePairEncoder::merge_short(std::string_view piece, std::vector<Rank>& out) const {
+Rank* BytePairEncoder::merge_short(std::string_view piece, Rank* w) const {
     const size_t n = piece.size();
     Rank pair[kShortPiece + 1];
     Rank token[kShortPiece + 1];
@@ -302,7 +331,8 @@ void BytePairEncoder::merge_short(std::string_view piece, std::vector<Rank>& out
         pair[bi] = bi + 1 < parts ? pairs_.find(best, token[bi + 1]) : kNoRank;
         if (bi > 0) pair[bi - 1] = pairs_.find(token[bi - 1], best);
     }
-    out.insert(out.end(), token, token + parts);
+    std::memcpy(w, token, parts * sizeof(Rank));
+    return w + parts;
 }
 
 namespace {
@@ -319,7 +349,7 @@ struct LongScratch {
 // leftmost pair. Entries go stale when a neighbour merges; a popped entry is used only if its left part is alive and
 // its pair rank is still the one recorded (ranks are unique per byte string, so equal rank means the same pair).
 // O(n log n).
-void BytePairEncoder::merge_long(std::string_view piece, std::vector<Rank>& out) const {
+Rank* BytePairEncoder::merge_long(std::string_view piece, Rank* w) const {
     const size_t n = piece.size();
     if (n >= UINT32_MAX) throw std::invalid_argument("piece longer than 4 GiB");
     thread_local LongScratch scratch;
@@ -377,7 +407,8 @@ void BytePairEncoder::merge_long(std::string_view piece, std::vector<Rank>& out)
             if (pair[pl] != kNoRank) push(pl);
         }
     }
-    for (uint32_t i = 0; i < n; i = next[i]) out.push_back(token[i]);
+    for (uint32_t i = 0; i < n; i = next[i]) *w++ = token[i];
+    return w;
 }
 
 void PairRankMap::build(const std::vector<std::pair<uint64_t, Rank>>& entries) {

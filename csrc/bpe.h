@@ -5,9 +5,13 @@
 // tiktoken does. Every part is always a token of the vocabulary (single bytes to start with; a merge only happens
 // when the concatenation has a rank), so the output is the parts' ranks.
 #pragma once
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <new>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -84,14 +88,144 @@ class PairRankMap {
     int shift_ = 63;
 };
 
-// The merge engine over one vocabulary. Thread-safe for concurrent encodes once built (read-only).
+// Token output written through a raw cursor. A piece of n bytes yields at most n tokens, so the encoder asks for
+// room once per piece instead of checking capacity per token; kSlack spare slots let a cached piece copy all of its
+// entry's token slots at once.
+class TokenBuffer {
+   public:
+    static constexpr size_t kSlack = 4;
+
+    TokenBuffer() = default;
+    TokenBuffer(TokenBuffer&& other) noexcept : data_(other.data_), size_(other.size_), capacity_(other.capacity_) {
+        other.data_ = nullptr;
+        other.size_ = other.capacity_ = 0;
+    }
+    TokenBuffer& operator=(TokenBuffer&& other) noexcept {
+        std::swap(data_, other.data_);
+        std::swap(size_, other.size_);
+        std::swap(capacity_, other.capacity_);
+        return *this;
+    }
+    TokenBuffer(const TokenBuffer&) = delete;
+    TokenBuffer& operator=(const TokenBuffer&) = delete;
+    ~TokenBuffer() { std::free(data_); }
+
+    const Rank* data() const { return data_; }
+    size_t size() const { return size_; }
+    bool empty() const { return size_ == 0; }
+    void clear() { size_ = 0; }
+    void reserve(size_t n) {
+        if (n > capacity_) grow_to(n);
+    }
+    // Cursor at the end with room for n tokens (and kSlack more); finish with set_end().
+    Rank* room(size_t n) {
+        if (capacity_ - size_ < n + kSlack) grow_to(std::max(size_ + n + kSlack, capacity_ * 2));
+        return data_ + size_;
+    }
+    void set_end(const Rank* end) { size_ = static_cast<size_t>(end - data_); }
+    void push_back(Rank r) { *room(1) = r, ++size_; }
+
+   private:
+    void grow_to(size_t n) {
+        Rank* p = static_cast<Rank*>(std::realloc(data_, n * sizeof(Rank)));
+        if (!p) throw std::bad_alloc();
+        data_ = p;
+        capacity_ = n;
+    }
+    Rank* data_ = nullptr;
+    size_t size_ = 0;
+    size_t capacity_ = 0;
+};
+
+// Memo of recently encoded short pieces for one thread and one encoder. Text repeats its pieces (English and code
+// reuse a few thousand words; a CJK run cuts into recurring one- or two-character chunks), so most pieces are found
+// here and skip both the whole-piece lookup in the multi-megabyte vocabulary table and the merge. A piece of up to 16
+// bytes is named exactly by its length and two overlapping 8-byte loads (see key_of), so keys sit inline and a
+// lookup reads one 64-byte line: a set of two 32-byte entries, the most recent first.
+class PieceCache {
+   public:
+    static constexpr size_t kMaxBytes = 16;
+    static constexpr size_t kMaxTokens = 3;
+    static_assert(kMaxTokens <= TokenBuffer::kSlack, "find() writes all of an entry's token slots");
+    static constexpr size_t kSets = size_t(1) << 13;  // 8192 sets x 2 entries, 512 KiB: about the L2 of one core
+
+    struct Key {
+        uint64_t a, b;
+        uint32_t len;
+        uint32_t set;
+    };
+    // Key of a piece of 2 to kMaxBytes bytes: its first and last 8 (4, or 1 and 2) bytes, which together cover it.
+    static Key key_of(const char* p, size_t n) {
+        uint64_t a, b;
+        if (n >= 8) {
+            std::memcpy(&a, p, 8);
+            std::memcpy(&b, p + n - 8, 8);
+        } else if (n >= 4) {
+            uint32_t x, y;
+            std::memcpy(&x, p, 4);
+            std::memcpy(&y, p + n - 4, 4);
+            a = x;
+            b = y;
+        } else {
+            a = uint64_t(uint8_t(p[0])) | uint64_t(uint8_t(p[n >> 1])) << 8 | uint64_t(uint8_t(p[n - 1])) << 16;
+            b = 0;
+        }
+        const uint64_t h = (a ^ (b * 0x9E3779B97F4A7C15ull) ^ n) * 0xD6E8FEB86659FD93ull;
+        return {a, b, static_cast<uint32_t>(n), static_cast<uint32_t>(h >> (64 - 13))};
+    }
+    // Writes the piece's tokens at w (all kMaxTokens slots; the first `count` are the piece's) and returns w + count,
+    // or returns null when the piece is not cached.
+    Rank* find(const Key& k, Rank* w) const {
+        const Set& s = sets_[k.set];
+        for (const Entry& e : s.entry) {
+            if (e.a == k.a && e.b == k.b && e.len == k.len) {
+                std::memcpy(w, e.tokens, sizeof(e.tokens));
+                return w + e.count;
+            }
+        }
+        return nullptr;
+    }
+    void insert(const Key& k, const Rank* tokens, size_t count) {
+        Set& s = sets_[k.set];
+        s.entry[1] = s.entry[0];
+        Entry& e = s.entry[0];
+        e.a = k.a;
+        e.b = k.b;
+        e.len = static_cast<uint8_t>(k.len);
+        e.count = static_cast<uint8_t>(count);
+        std::memcpy(e.tokens, tokens, count * sizeof(Rank));
+    }
+
+    // The calling thread's cache for the encoder numbered `owner` (a few are kept per thread; taking over one
+    // clears it).
+    static PieceCache& for_thread(uint64_t owner);
+
+   private:
+    struct Entry {
+        uint64_t a = 0, b = 0;
+        uint8_t len = 0;  // 0: empty (cached pieces have at least 2 bytes)
+        uint8_t count = 0;
+        Rank tokens[kMaxTokens] = {};
+    };
+    struct alignas(64) Set {
+        Entry entry[2];
+    };
+    static_assert(sizeof(Set) == 64, "a set must fill one cache line");
+    std::unique_ptr<Set[]> sets_ = std::make_unique<Set[]>(kSets);
+    uint64_t owner_ = 0;
+    uint64_t last_use_ = 0;
+    friend struct PieceCachePool;
+};
+
+// The merge engine over one vocabulary. Thread-safe for concurrent encodes once built (read-only; the piece caches
+// are per thread).
 class BytePairEncoder {
    public:
-    // Pieces up to kShortPiece bytes use the simple scan (quadratic in the piece, with tiny constants). Longer ones
-    // up to kChunkPiece are first cut where no vocabulary token spans the cut (no merge can cross it), and each
-    // chunk is merged on its own (CJK runs cut into about one chunk per character). Longer pieces use a heap over a
-    // linked list of parts, O(n log n).
-    static constexpr size_t kShortPiece = 12;
+    // Pieces up to kShortPiece bytes go through the thread's piece cache and, on a miss, the simple scan
+    // (quadratic in the piece, with tiny constants). Longer ones up to kChunkPiece are first cut where no vocabulary
+    // token spans the cut (no merge can cross it), and each chunk is encoded on its own like a short piece (CJK runs
+    // cut into about one chunk per character). Longer pieces use a heap over a linked list of parts, O(n log n).
+    static constexpr size_t kShortPiece = PieceCache::kMaxBytes;
     static constexpr size_t kChunkPiece = 1024;
 
     BytePairEncoder() = default;
@@ -99,38 +233,54 @@ class BytePairEncoder {
     void build(const std::vector<std::pair<std::string, Rank>>& mergeable);
 
     Rank rank_of(std::string_view bytes) const { return ranks_.find(bytes); }
-    // Appends the tokens of one piece (whole-piece lookup first, then merges).
-    void encode_piece(std::string_view piece, std::vector<Rank>& out) const;
-    // Merge without the whole-piece shortcut (callers that already looked the piece up).
-    void merge_piece(std::string_view piece, std::vector<Rank>& out) const;
+    // Appends the tokens of one piece.
+    void encode_piece(std::string_view piece, TokenBuffer& out) const { encode_piece(piece, out, piece_cache()); }
+    // The same with the calling thread's cache for this encoder, fetched once per text.
+    void encode_piece(std::string_view piece, TokenBuffer& out, PieceCache& cache) const {
+        Rank* w = out.room(piece.size());
+        if (piece.size() == 1)
+            *w++ = byte_ranks_[static_cast<uint8_t>(piece[0])];
+        else if (piece.size() <= kShortPiece)
+            w = encode_short(piece, w, cache);
+        else
+            w = encode_long(piece, w, cache);
+        out.set_end(w);
+    }
+    PieceCache& piece_cache() const { return PieceCache::for_thread(id_); }
 
     size_t vocab_size() const { return ranks_.size(); }
     Rank max_rank() const { return max_rank_; }
     Rank byte_rank(uint8_t b) const { return byte_ranks_[b]; }
 
    private:
-    void merge_short(std::string_view piece, std::vector<Rank>& out) const;
-    void merge_long(std::string_view piece, std::vector<Rank>& out) const;
-    void merge_chunked(std::string_view piece, std::vector<Rank>& out) const;
-    // Merge a chunk already known not to be one token.
-    void merge_any(std::string_view piece, std::vector<Rank>& out) const {
-        if (piece.size() <= kShortPiece)
-            merge_short(piece, out);
-        else
-            merge_long(piece, out);
+    // The encoders below write a piece's tokens at w, which has room for one token per byte plus
+    // TokenBuffer::kSlack, and return the end.
+
+    // A piece of 2 to kShortPiece bytes: the cache, else the whole-piece lookup and the merge.
+    Rank* encode_short(std::string_view piece, Rank* w, PieceCache& cache) const {
+        const PieceCache::Key key = PieceCache::key_of(piece.data(), piece.size());
+        if (Rank* end = cache.find(key, w)) return end;
+        return encode_short_uncached(piece, key, w, cache);
     }
+    Rank* encode_short_uncached(std::string_view piece, const PieceCache::Key& key, Rank* w,
+                                PieceCache& cache) const;
+    Rank* encode_long(std::string_view piece, Rank* w, PieceCache& cache) const;
+    Rank* merge_short(std::string_view piece, Rank* w) const;
+    Rank* merge_long(std::string_view piece, Rank* w) const;
+    Rank* merge_chunked(std::string_view piece, Rank* w, PieceCache& cache) const;
 
     BytesRankMap ranks_;
     PairRankMap pairs_;
-    std::vector<Rank> byte_pair_ranks_;
+    std::vector<Rank> byte_pair_ranks_;  // rank of each two-byte string (65536 entries): the first merges
     // Byte trie of all tokens: root_child_[b] and trie_ (node, byte) -> child; node_rank_[node] is the rank of the
     // token spelled by the path to node, or kNoRank.
     uint32_t root_child_[256] = {};
     std::vector<uint32_t> depth2_;  // node of each two-byte prefix (65536 entries), or UINT32_MAX
     PairRankMap trie_;
-    std::vector<Rank> node_rank_;  // rank of each two-byte string (65536 entries): the first merges
+    std::vector<Rank> node_rank_;
     Rank byte_ranks_[256] = {};
     Rank max_rank_ = 0;
+    uint64_t id_ = 0;  // unique per build, never reused: names this vocabulary's piece caches
 };
 
 }  // namespace llmfast

@@ -102,12 +102,14 @@ bool Encoder::find_special(std::string_view text, size_t from, const uint8_t* ma
     return false;
 }
 
-void Encoder::encode_segment(std::string_view segment, std::vector<Rank>& out) const {
+void Encoder::encode_segment(std::string_view segment, TokenBuffer& out) const {
 #if LLMFAST_HAVE_PRETOKENIZE
     // Pieces are merged as the scanner finds them: no piece list in between.
     const char* base = segment.data();
-    for_each_piece(static_cast<PatternKind>(pattern_kind_), segment,
-                   [&](size_t begin, size_t end) { bpe_.encode_piece(std::string_view(base + begin, end - begin), out); });
+    PieceCache& cache = bpe_.piece_cache();
+    for_each_piece(static_cast<PatternKind>(pattern_kind_), segment, [&](size_t begin, size_t end) {
+        bpe_.encode_piece(std::string_view(base + begin, end - begin), out, cache);
+    });
 #else
     (void)segment;
     (void)out;
@@ -115,7 +117,7 @@ void Encoder::encode_segment(std::string_view segment, std::vector<Rank>& out) c
 #endif
 }
 
-void Encoder::encode(std::string_view text, const uint8_t* allowed_mask, std::vector<Rank>& out) const {
+void Encoder::encode(std::string_view text, const uint8_t* allowed_mask, TokenBuffer& out) const {
     if (!has_native_pattern()) throw std::logic_error("this encoding's pattern has no native pre-tokenizer");
     size_t start = 0;
     for (;;) {
@@ -129,13 +131,14 @@ void Encoder::encode(std::string_view text, const uint8_t* allowed_mask, std::ve
     }
 }
 
-void Encoder::encode_ordinary(std::string_view text, std::vector<Rank>& out) const {
+void Encoder::encode_ordinary(std::string_view text, TokenBuffer& out) const {
     if (!has_native_pattern()) throw std::logic_error("this encoding's pattern has no native pre-tokenizer");
     if (!text.empty()) encode_segment(text, out);
 }
 
-void Encoder::encode_pieces(const std::vector<std::string_view>& pieces, std::vector<Rank>& out) const {
-    for (std::string_view piece : pieces) bpe_.encode_piece(piece, out);
+void Encoder::encode_pieces(const std::vector<std::string_view>& pieces, TokenBuffer& out) const {
+    PieceCache& cache = bpe_.piece_cache();
+    for (std::string_view piece : pieces) bpe_.encode_piece(piece, out, cache);
 }
 
 uint64_t Encoder::lookup_decoder(Rank id) const {

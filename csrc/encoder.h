@@ -34,10 +34,10 @@ class Encoder {
     // Encodes `text`, turning occurrences of the specials whose mask byte is non-zero into their ranks (mask may be
     // null: none allowed). Each stretch between specials is pre-tokenized on its own, as tiktoken does. Requires a
     // native pattern.
-    void encode(std::string_view text, const uint8_t* allowed_mask, std::vector<Rank>& out) const;
-    void encode_ordinary(std::string_view text, std::vector<Rank>& out) const;
+    void encode(std::string_view text, const uint8_t* allowed_mask, TokenBuffer& out) const;
+    void encode_ordinary(std::string_view text, TokenBuffer& out) const;
     // Byte-pair encodes each already split piece.
-    void encode_pieces(const std::vector<std::string_view>& pieces, std::vector<Rank>& out) const;
+    void encode_pieces(const std::vector<std::string_view>& pieces, TokenBuffer& out) const;
 
     // Leftmost occurrence at or after `from` of a special token whose mask byte is set; the longest one at that
     // position. Returns false when there is none.
@@ -53,7 +53,7 @@ class Encoder {
     void decode_into(const Rank* ids, size_t n, char* dst) const;
 
    private:
-    void encode_segment(std::string_view segment, std::vector<Rank>& out) const;
+    void encode_segment(std::string_view segment, TokenBuffer& out) const;
     uint64_t lookup_decoder(Rank id) const;
 
     BytePairEncoder bpe_;

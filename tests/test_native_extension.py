@@ -1,4 +1,6 @@
 """The native core llmfast._C: merge order, clean errors, GIL-free entry points."""
+import random
+
 import pytest
 
 from llmfast import _C
@@ -69,3 +71,53 @@ def test_unknown_id_raises_invalid_token_error():
         core.decode_bytes([-1])
     with pytest.raises(KeyError):
         core.decode_single_token_bytes(99999)
+
+
+def _reference_bpe(ranks: dict, piece: bytes) -> list:
+    """tiktoken's rule: a piece that is a token stays whole; else join the lowest-ranked adjacent pair (leftmost on
+    ties) until no adjacent pair is a token."""
+    if piece in ranks:
+        return [ranks[piece]]
+    parts = [bytes([c]) for c in piece]
+    while len(parts) > 1:
+        rank, i = min((ranks.get(parts[i] + parts[i + 1], 1 << 40), i) for i in range(len(parts) - 1))
+        if rank == 1 << 40:
+            break
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return [ranks[p] for p in parts]
+
+
+def _random_vocab(rng: random.Random, alphabet: bytes = b"abc ") -> dict:
+    ranks = _byte_ranks(offset=rng.randrange(1000))
+    words = {bytes(rng.choice(alphabet) for _ in range(rng.randrange(2, 7))) for _ in range(60)}
+    for rank, word in zip(rng.sample(range(0, 100), len(words)), sorted(words - set(ranks))):
+        ranks[word] = rank
+    return ranks
+
+
+def test_piece_cache_is_private_to_each_vocabulary():
+    # Each thread memoizes short pieces per vocabulary (a few vocabularies at a time). Cycling through more
+    # vocabularies than it keeps, dropping and rebuilding them, must never serve one vocabulary's tokens to another.
+    rng = random.Random(5)
+    pieces = sorted({bytes(rng.choice(b"abc ") for _ in range(rng.randrange(2, 17))) for _ in range(300)})
+    texts = [p.decode() for p in pieces]
+    vocabs = [_random_vocab(rng) for _ in range(7)]
+    expected = [[_reference_bpe(v, p) for p in pieces] for v in vocabs]
+    cores = [_C.CoreBPE(v, {}, r"\S+") for v in vocabs]
+    for round_ in range(3):
+        for i, (core, want) in enumerate(zip(cores, expected)):
+            assert [core.encode_single_piece(p) for p in pieces] == want, (round_, i)
+            assert core.encode_pieces(texts) == [t for w in want for t in w]
+        cores[round_] = _C.CoreBPE(vocabs[round_], {}, r"\S+")  # a new encoder where an old one was
+
+
+def test_piece_cache_conflicts_keep_tokens_exact():
+    # Far more distinct short pieces than the cache holds, each seen twice (second time possibly from the cache).
+    rng = random.Random(6)
+    ranks = _random_vocab(rng, alphabet=b"abcdefgh")
+    pieces = [bytes(rng.choice(b"abcdefgh") for _ in range(rng.randrange(2, 17))) for _ in range(40000)]
+    core = _C.CoreBPE(ranks, {}, r"\S+")
+    first = [core.encode_single_piece(p) for p in pieces]
+    assert [core.encode_single_piece(p) for p in pieces] == first
+    for p, got in list(zip(pieces, first))[:: 97]:
+        assert got == _reference_bpe(ranks, p)
