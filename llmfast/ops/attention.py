@@ -15,9 +15,16 @@ Backward (FlashAttention-2 style, no atomics, hence deterministic):
 Every kernel takes the same masking description: the key range ``[start, end)`` allowed for a query row comes
 from the causal diagonal / sliding window (``HAS_LEFT``, ``HAS_RIGHT``, aligned top-left or bottom-right), the
 sequence lengths (fixed, or per sequence from ``cu_seqlens`` for varlen batches) and an optional boolean or additive
-mask broadcast through stride-0 dimensions and loaded tile by tile. Key blocks wholly outside the allowed band are
+mask broadcast through stride-0 dimensions and loaded tile by tile. Blocks wholly outside the allowed band are
 never visited; blocks wholly inside it run without any element masking; only the blocks on the band's edges pay
-for it. Rows with no allowed key produce output 0, LSE ``-inf`` and gradient 0.
+for it (the forward pass runs separate loops for the left edge, the interior and the diagonal / sequence end; the
+backward kernels, tighter on registers, run one loop with a runtime branch for edge blocks). Under a causal band
+the query blocks with the most keys are launched first. Rows with no allowed key produce output 0, LSE ``-inf``
+and gradient 0.
+
+Tiles, warps and pipeline stages are named configs per architecture (``ATTENTION_CONFIGS``), picked at launch by
+``torch.cuda.get_device_capability()``, head dim, dtype and features, and all compiled by
+``python -m llmfast.compile_check`` (through :func:`compile_specs`).
 
 Dropout uses Triton's Philox (``tl.rand``) at offset ``((b * H + h) * Sq + i) * Sk + j`` and is regenerated, not
 stored, in the backward pass (:func:`dropout_keep_mask` materialises the same mask for the reference).
@@ -64,7 +71,7 @@ ATTENTION_CONFIGS: dict[str, dict[str, dict[str, int]]] = {
         "fwd_d64_extra": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
         "fwd_d128_extra": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
         "fwd_d256_extra": dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1, mma_sync=True),
-        "fwd_d64_fp32": dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+        "fwd_d64_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
         "fwd_d128_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
         "fwd_d256_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1),
         "bwd_preprocess_d64": dict(BLOCK_M=64, num_warps=4, num_stages=1),
@@ -77,7 +84,7 @@ ATTENTION_CONFIGS: dict[str, dict[str, dict[str, int]]] = {
         "bwd_dkdv_d128_extra": dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2),
         "bwd_dkdv_d256_extra": dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1, mma_sync=True),
         "bwd_dkdv_d64_fp32": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
-        "bwd_dkdv_d128_fp32": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
+        "bwd_dkdv_d128_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
         "bwd_dkdv_d256_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
         "bwd_dq_d64": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
         "bwd_dq_d128": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
@@ -90,8 +97,8 @@ ATTENTION_CONFIGS: dict[str, dict[str, dict[str, int]]] = {
         "bwd_dq_d256_fp32": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1),
     },
     "sm80": {
-        "fwd_d64": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-        "fwd_d128": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
+        "fwd_d64": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
+        "fwd_d128": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
         "fwd_d256": dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=1),
         "fwd_d64_extra": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
         "fwd_d128_extra": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
@@ -472,16 +479,18 @@ def _attn_bwd_preprocess_kernel(
     q_start, seqlen_q = _seq_bounds(CuSeqQ, b, Sq, IS_VARLEN)
     if pid_m * BLOCK_M >= seqlen_q:
         return
-    b64 = b.to(tl.int64)
+    # 64-bit offsets only in the scalar base pointers; the tile offsets stay 32-bit (half the registers).
+    b64, h64, row0 = b.to(tl.int64), h.to(tl.int64), q_start.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row = q_start.to(tl.int64) + offs_m
-    o = _load_rows(Out + b64 * stride_ob + h * stride_oh + row[:, None] * stride_om + offs_dv[None, :],
-                   offs_m, seqlen_q, offs_dv, HEAD_DV, BLOCK_DV, True)
-    do = _load_rows(DOut + b64 * stride_dob + h * stride_doh + row[:, None] * stride_dom + offs_dv[None, :],
-                    offs_m, seqlen_q, offs_dv, HEAD_DV, BLOCK_DV, True)
+    o_base = Out + b64 * stride_ob + h64 * stride_oh + row0 * stride_om
+    do_base = DOut + b64 * stride_dob + h64 * stride_doh + row0 * stride_dom
+    o = _load_rows(o_base + offs_m[:, None] * stride_om + offs_dv[None, :], offs_m, seqlen_q, offs_dv, HEAD_DV,
+                   BLOCK_DV, True)
+    do = _load_rows(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, seqlen_q, offs_dv, HEAD_DV,
+                    BLOCK_DV, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    l_off = b64 * stride_lb + h * stride_lh + row
+    l_off = b64 * stride_lb + h64 * stride_lh + row0 + offs_m
     if HAS_DLSE:
         delta -= tl.load(DLse + l_off, mask=offs_m < seqlen_q, other=0.0)
     tl.store(Delta + l_off, delta, mask=offs_m < seqlen_q)
@@ -567,11 +576,12 @@ def _attn_bwd_dkdv_kernel(
     offs_n = n_start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k_row = k_start.to(tl.int64) + offs_n
-    k = _load_rows(K + b64 * stride_kb + kv_h * stride_kh + k_row[:, None] * stride_kn + offs_d[None, :],
-                   offs_n, seqlen_k, offs_d, HEAD_D, BLOCK_D, True)
-    v = _load_rows(V + b64 * stride_vb + kv_h * stride_vh + k_row[:, None] * stride_vn + offs_dv[None, :],
-                   offs_n, seqlen_k, offs_dv, HEAD_DV, BLOCK_DV, True)
+    kv_h64, k_row0 = kv_h.to(tl.int64), k_start.to(tl.int64)
+    k = _load_rows(K + b64 * stride_kb + kv_h64 * stride_kh + k_row0 * stride_kn
+                   + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, seqlen_k, offs_d, HEAD_D, BLOCK_D, True)
+    v = _load_rows(V + b64 * stride_vb + kv_h64 * stride_vh + k_row0 * stride_vn
+                   + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, seqlen_k, offs_dv, HEAD_DV, BLOCK_DV,
+                   True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
@@ -596,10 +606,12 @@ def _attn_bwd_dkdv_kernel(
 
     dk = dk * sm_scale
     row_ok = offs_n[:, None] < seqlen_k
-    tl.store(DK + b64 * stride_dkb + kv_h * stride_dkh + k_row[:, None] * stride_dkn + offs_d[None, :],
-             _cast(dk, DK.dtype.element_ty), mask=row_ok & (offs_d[None, :] < HEAD_D))
-    tl.store(DV + b64 * stride_dvb + kv_h * stride_dvh + k_row[:, None] * stride_dvn + offs_dv[None, :],
-             _cast(dv, DV.dtype.element_ty), mask=row_ok & (offs_dv[None, :] < HEAD_DV))
+    dk_base = DK + b64 * stride_dkb + kv_h64 * stride_dkh + k_row0 * stride_dkn
+    dv_base = DV + b64 * stride_dvb + kv_h64 * stride_dvh + k_row0 * stride_dvn
+    tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :], _cast(dk, DK.dtype.element_ty),
+             mask=row_ok & (offs_d[None, :] < HEAD_D))
+    tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_dv[None, :], _cast(dv, DV.dtype.element_ty),
+             mask=row_ok & (offs_dv[None, :] < HEAD_DV))
 
 
 @triton.jit
@@ -677,12 +689,13 @@ def _attn_bwd_dq_kernel(
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q_row = q_start.to(tl.int64) + offs_m
-    q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh + q_row[:, None] * stride_qm + offs_d[None, :],
-                   offs_m, seqlen_q, offs_d, HEAD_D, BLOCK_D, True)
-    do = _load_rows(DOut + b64 * stride_dob + h64 * stride_doh + q_row[:, None] * stride_dom + offs_dv[None, :],
-                    offs_m, seqlen_q, offs_dv, HEAD_DV, BLOCK_DV, True)
-    l_off = b64 * stride_lb + h64 * stride_lh + q_row
+    q_row0 = q_start.to(tl.int64)
+    q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh + q_row0 * stride_qm
+                   + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_D, BLOCK_D, True)
+    do = _load_rows(DOut + b64 * stride_dob + h64 * stride_doh + q_row0 * stride_dom
+                    + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, seqlen_q, offs_dv, HEAD_DV, BLOCK_DV,
+                    True)
+    l_off = b64 * stride_lb + h64 * stride_lh + q_row0 + offs_m
     lse = tl.load(Lse + l_off, mask=offs_m < seqlen_q, other=float("inf"))
     lse2 = tl.where(lse == -float("inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(Delta + l_off, mask=offs_m < seqlen_q, other=0.0)
@@ -704,8 +717,9 @@ def _attn_bwd_dq_kernel(
         MASK_IS_BOOL, DROPOUT, WIDE_DROPOUT, FP32_IEEE, STORE_DS)
 
     dq = dq * sm_scale
-    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + q_row[:, None] * stride_dqm + offs_d[None, :],
-             _cast(dq, DQ.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_D))
+    dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh + q_row0 * stride_dqm
+    tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], _cast(dq, DQ.dtype.element_ty),
+             mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_D))
 
 
 # ----------------------------------------------------------------------------------------------------------------
