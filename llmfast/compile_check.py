@@ -14,6 +14,7 @@ or lacks the matrix instructions a matmul kernel must use.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import importlib
 import os
 import re
@@ -119,27 +120,50 @@ def collect_specs(modules=None):
     return specs
 
 
+_worker_specs: list = []
+
+
+def _init_worker() -> None:
+    global _worker_specs
+    _worker_specs = collect_specs()
+
+
+def _compile_by_index(job: tuple[int, int]):
+    index, arch = job
+    return compile_one(_worker_specs[index], arch)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmfast.compile_check", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")
     parser.add_argument("--kernel", action="append", help="only kernels whose name contains this text")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="compile in this many processes (default: one per core)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_check: unset TRITON_INTERPRET; the interpreter does not compile kernels", file=sys.stderr)
         return 2
     specs = collect_specs()
-    if args.kernel:
-        specs = [s for s in specs if any(k in s.kernel for k in args.kernel)]
+    jobs = [(index, arch) for index, spec in enumerate(specs)
+            if not args.kernel or any(k in spec.kernel for k in args.kernel)
+            for arch in args.arch if spec.arches is None or arch in spec.arches]
     failures = 0
-    for spec in specs:
-        for arch in args.arch:
-            if spec.arches is not None and arch not in spec.arches:
-                continue
-            result = compile_one(spec, arch)
+    # Compilation is CPU-bound Python and ptxas: worker processes (each collecting the specs itself, since
+    # JIT functions do not pickle) keep every core busy; results come back in the order of the jobs.
+    if args.jobs > 1 and len(jobs) > 1:
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, initializer=_init_worker) as pool:
+            results = pool.map(_compile_by_index, jobs, chunksize=4)
+            for result in results:
+                print(result.line(), flush=True)
+                failures += result.error is not None
+    else:
+        for index, arch in jobs:
+            result = compile_one(specs[index], arch)
             print(result.line(), flush=True)
             failures += result.error is not None
-    print(f"compile_check: {len(specs)} kernel configs, {failures} failed", file=sys.stderr)
-    return 1 if failures or not specs else 0
+    specs = {jobs_index for jobs_index, _ in jobs}
+    print(f"compile_check: {len(jobs)} kernel builds ({len(specs)} configs), {failures} failed", file=sys.stderr)
+    return 1 if failures or not jobs else 0
 
 
 if __name__ == "__main__":
