@@ -28,7 +28,7 @@ import llmfast
 from llmfast.ops.cross_entropy import peak_memory_bytes
 from llmfast.reference import cross_entropy as reference
 
-from conftest import median_seconds, synchronize
+from conftest import copy_gbps, median_seconds, synchronize
 
 CUDA = torch.cuda.is_available()
 CE_SHAPES = [(8192, 32000), (8192, 50257), (4096, 128256)] if CUDA else [(256, 8192), (64, 50000)]
@@ -40,14 +40,6 @@ LINEAR_DTYPE = torch.bfloat16 if CUDA else torch.float32
 
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-
-
-def copy_gbps(x: torch.Tensor, device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    out = torch.empty_like(x)
-    seconds = median_seconds(lambda: out.copy_(x), device, repeats=20, warmup=3)
-    return 2 * x.numel() * x.element_size() / seconds / 1e9
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])

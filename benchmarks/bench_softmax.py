@@ -23,7 +23,7 @@ import torch
 import llmfast
 from llmfast.reference import softmax as reference
 
-from conftest import median_seconds, synchronize
+from conftest import copy_gbps, median_seconds, synchronize
 
 CUDA = torch.cuda.is_available()
 DTYPES = [torch.bfloat16, torch.float32] if CUDA else [torch.float32]
@@ -35,15 +35,6 @@ MAX_REFERENCE_ELEMENTS = 2**28
 
 def shape_for(n_cols: int) -> tuple[int, int]:
     return max(1, ELEMENTS // n_cols), n_cols
-
-
-def copy_gbps(x: torch.Tensor, device: torch.device) -> float | None:
-    """Device copy bandwidth (bytes read + written per second) for x's bytes, on CUDA only."""
-    if device.type != "cuda":
-        return None
-    out = torch.empty_like(x)
-    seconds = median_seconds(lambda: out.copy_(x), device, repeats=20, warmup=3)
-    return 2 * x.numel() * x.element_size() / seconds / 1e9
 
 
 def make_step(fn, x: torch.Tensor, dim: int, mode: str, device: torch.device):

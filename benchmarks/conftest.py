@@ -36,3 +36,15 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int 
         times.append(time.perf_counter() - start)
     times.sort()
     return times[len(times) // 2]
+
+
+def copy_gbps(x: torch.Tensor, device: torch.device) -> float | None:
+    """The device's measured copy bandwidth (bytes read + written per second) for ``x``'s size; CUDA only.
+
+    This is the ceiling a memory-bound kernel that reads and writes each element once is judged against.
+    """
+    if device.type != "cuda":
+        return None
+    out = torch.empty_like(x)
+    seconds = median_seconds(lambda: out.copy_(x), device, repeats=20, warmup=3)
+    return 2 * x.numel() * x.element_size() / seconds / 1e9
