@@ -236,14 +236,56 @@ void BytePairEncoder::build(const std::vector<std::pair<std::string, Rank>>& mer
     }
     ranks_ = std::move(map);
     max_rank_ = max_rank;
+
+    starts2_.assign(65536 / 64, 0);
+    ends3_.assign((size_t(1) << kEnds3Bits) / 64, 0);
+    inner4_.assign((size_t(1) << kInner4Bits) / 64, 0);
+    auto set_bit = [](std::vector<uint64_t>& bits, size_t i) { bits[i >> 6] |= uint64_t(1) << (i & 63); };
+    for (const auto& entry : mergeable) {
+        const auto* t = reinterpret_cast<const uint8_t*>(entry.first.data());
+        const size_t len = entry.first.size();
+        if (len >= 2) set_bit(starts2_, size_t(t[0]) << 8 | t[1]);
+        if (len >= 3)
+            set_bit(ends3_, filter_slot(uint32_t(t[len - 3]) | uint32_t(t[len - 2]) << 8 | uint32_t(t[len - 1]) << 16,
+                                        kEnds3Bits));
+        for (size_t j = 0; j + 4 <= len; ++j)
+            set_bit(inner4_, filter_slot(uint32_t(t[j]) | uint32_t(t[j + 1]) << 8 | uint32_t(t[j + 2]) << 16 |
+                                             uint32_t(t[j + 3]) << 24,
+                                         kInner4Bits));
+    }
+    // A token whose bytes alone merge into something else (possible in a hand-made vocabulary: "abc" with neither
+    // "ab" nor "bc") is found by the whole-piece lookup only when it is a whole piece, so a chunk of its bytes must
+    // not be encoded like a piece.
+    self_merging_ = true;
+    std::vector<Rank> merged;
+    for (const auto& [bytes, rank] : mergeable) {
+        if (bytes.size() < 2) continue;
+        merged.resize(bytes.size() + TokenBuffer::kSlack);
+        const Rank* end = bytes.size() <= kShortPiece ? merge_short(bytes, merged.data()) : merge_long(bytes, merged.data());
+        if (end != merged.data() + 1 || merged[0] != rank) {
+            self_merging_ = false;
+            break;
+        }
+    }
     static std::atomic<uint64_t> builds{0};
     id_ = ++builds;  // a fresh number: caches filled under any earlier vocabulary never match
 }
 
 Rank* BytePairEncoder::encode_short_uncached(std::string_view piece, const PieceCache::Key& key, Rank* w,
-                                             PieceCache& cache) const {
+                                             PieceCache& cache, bool may_cut) const {
+    Rank* end;
     const Rank whole = ranks_.find(piece);
-    Rank* end = whole != kNoRank ? (*w = whole, w + 1) : merge_short(piece, w);
+    if (whole != kNoRank) {
+        *w = whole, end = w + 1;
+    } else if (may_cut && self_merging_) {
+        // A piece that cuts is not cached itself: its chunks are, and they recur far more often than it does (a
+        // rarely repeated CJK phrase would only push recurring chunks out).
+        bool was_cut = false;
+        end = merge_cut(piece, w, cache, &was_cut);
+        if (was_cut) return end;
+    } else {
+        end = merge_short(piece, w);
+    }
     const size_t count = static_cast<size_t>(end - w);
     if (count <= PieceCache::kMaxTokens) cache.insert(key, w, count);
     return end;
@@ -255,29 +297,55 @@ Rank* BytePairEncoder::encode_long(std::string_view piece, Rank* w, PieceCache& 
         *w = whole;
         return w + 1;
     }
-    return piece.size() <= kChunkPiece ? merge_chunked(piece, w, cache) : merge_long(piece, w);
+    return self_merging_ ? merge_cut(piece, w, cache) : merge_long(piece, w);
 }
 
-// Cuts the piece where no token spans the cut and merges each chunk alone. A merge always creates a token covering
-// both parts, so no merge crosses such a cut, and merges on either side never interact: the result equals merging
-// the whole piece. Walking the trie from each start s gives the end of the longest token starting at s; a position k
-// is a cut when no token starting before k ends after it.
+Rank* BytePairEncoder::encode_chunk(std::string_view chunk, Rank* w, PieceCache& cache, bool cut_further) const {
+    if (chunk.size() == 1) {
+        *w = byte_ranks_[static_cast<uint8_t>(chunk[0])];
+        return w + 1;
+    }
+    if (chunk.size() <= kShortPiece) {
+        const PieceCache::Key key = PieceCache::key_of(chunk.data(), chunk.size());
+        if (Rank* end = cache.find(key, w)) return end;
+        return encode_short_uncached(chunk, key, w, cache, false);
+    }
+    return cut_further ? merge_chunked(chunk, w, cache) : merge_long(chunk, w);
+}
+
+// Cuts the piece where may_span() rules out a token across the cut and encodes each chunk on its own: a merge always
+// makes a token covering both parts, so no merge crosses such a cut and the merges on either side never interact.
+// Cuts are tried only before the first byte of a character. CJK runs fall into chunks of one or a few characters,
+// which recur, so most chunks come from the piece cache; the rare long chunk is cut further by merge_chunked().
+Rank* BytePairEncoder::merge_cut(std::string_view piece, Rank* w, PieceCache& cache, bool* was_cut) const {
+    const size_t n = piece.size();
+    const uint8_t* p = reinterpret_cast<const uint8_t*>(piece.data());
+    size_t start = 0;
+    for (size_t k = 1; k < n; ++k) {
+        if ((p[k] & 0xC0) == 0x80 || may_span(p, n, k)) continue;
+        w = encode_chunk(piece.substr(start, k - start), w, cache, true);
+        start = k;
+    }
+    if (start == 0) return n <= kShortPiece ? merge_short(piece, w) : merge_chunked(piece, w, cache);
+    if (was_cut) *was_cut = true;
+    return encode_chunk(piece.substr(start), w, cache, true);
+}
+
+// The exact cut: a position k is a cut when no token starting before k ends after it. Walking the trie from each
+// start s gives the end of the longest token starting there. A chunk that is exactly the longest token from its start
+// is that token (the vocabulary is self-merging); other chunks are encoded like pieces.
 Rank* BytePairEncoder::merge_chunked(std::string_view piece, Rank* w, PieceCache& cache) const {
     const size_t n = piece.size();
     const uint8_t* p = reinterpret_cast<const uint8_t*>(piece.data());
     size_t chunk_start = 0;
-    size_t reach = 0;                  // furthest end of a token starting in [chunk_start, s)
-    size_t chunk_token_end = 0;        // end of the longest token starting at chunk_start
-    Rank chunk_token = kNoRank;        // and its rank
+    size_t reach = 0;            // furthest end of a token starting in [chunk_start, s)
+    size_t chunk_token_end = 0;  // end of the longest token starting at chunk_start
+    Rank chunk_token = kNoRank;  // and its rank
     auto emit = [&](size_t a, size_t b) {
-        if (b - a == 1)
-            *w++ = byte_ranks_[p[a]];
-        else if (chunk_token_end == b)
+        if (chunk_token_end == b)
             *w++ = chunk_token;
-        else if (b - a <= kShortPiece)
-            w = encode_short(piece.substr(a, b - a), w, cache);
         else
-            w = merge_long(piece.substr(a, b - a), w);
+            w = encode_chunk(piece.substr(a, b - a), w, cache, false);
     };
     for (size_t s = 0; s < n; ++s) {
         if (s > chunk_start && reach <= s) {

@@ -221,12 +221,12 @@ class PieceCache {
 // are per thread).
 class BytePairEncoder {
    public:
-    // Pieces up to kShortPiece bytes go through the thread's piece cache and, on a miss, the simple scan
-    // (quadratic in the piece, with tiny constants). Longer ones up to kChunkPiece are first cut where no vocabulary
-    // token spans the cut (no merge can cross it), and each chunk is encoded on its own like a short piece (CJK runs
-    // cut into about one chunk per character). Longer pieces use a heap over a linked list of parts, O(n log n).
+    // A piece is first looked up whole (tiktoken's rule). Pieces up to kShortPiece bytes go through the thread's
+    // piece cache and, on a miss, the simple quadratic scan (tiny constants). Pieces that merge_cut() can cut where no
+    // merge can cross (CJK runs, mostly) are encoded chunk by chunk, short chunks through the cache; what no cut
+    // splits is merged whole, by the scan up to kShortPiece bytes and beyond by a heap over a linked list of parts,
+    // O(n log n).
     static constexpr size_t kShortPiece = PieceCache::kMaxBytes;
-    static constexpr size_t kChunkPiece = 1024;
 
     BytePairEncoder() = default;
     // Throws std::invalid_argument on duplicate ranks, a missing single byte, or a byte string too large to index.
@@ -260,14 +260,34 @@ class BytePairEncoder {
     Rank* encode_short(std::string_view piece, Rank* w, PieceCache& cache) const {
         const PieceCache::Key key = PieceCache::key_of(piece.data(), piece.size());
         if (Rank* end = cache.find(key, w)) return end;
-        return encode_short_uncached(piece, key, w, cache);
+        return encode_short_uncached(piece, key, w, cache, true);
     }
-    Rank* encode_short_uncached(std::string_view piece, const PieceCache::Key& key, Rank* w,
-                                PieceCache& cache) const;
+    // `may_cut`: false for a chunk that merge_cut() already cut as far as it can.
+    Rank* encode_short_uncached(std::string_view piece, const PieceCache::Key& key, Rank* w, PieceCache& cache,
+                                bool may_cut) const;
     Rank* encode_long(std::string_view piece, Rank* w, PieceCache& cache) const;
+    // One chunk of a cut piece (self-merging vocabularies only): a byte, a short chunk through the cache, or a long
+    // one cut further (`cut_further`) or merged whole.
+    Rank* encode_chunk(std::string_view chunk, Rank* w, PieceCache& cache, bool cut_further) const;
+    // Sets *was_cut when the piece was cut into chunks.
+    Rank* merge_cut(std::string_view piece, Rank* w, PieceCache& cache, bool* was_cut = nullptr) const;
     Rank* merge_short(std::string_view piece, Rank* w) const;
     Rank* merge_long(std::string_view piece, Rank* w) const;
     Rank* merge_chunked(std::string_view piece, Rank* w, PieceCache& cache) const;
+
+    // False when no token of the vocabulary can cover both byte k-1 and byte k of p[0, n) (0 < k < n), so no merge
+    // joins them. A token covering them starts at k-1 (its first two bytes are p[k-1] p[k]), or ends at k+1 (its
+    // last three are p[k-2..k]), or holds p[k-2..k+1]: one bit-set test each.
+    bool may_span(const uint8_t* p, size_t n, size_t k) const {
+        if (test_bit(starts2_, size_t(p[k - 1]) << 8 | p[k])) return true;
+        if (k < 2) return false;
+        const uint32_t last3 = uint32_t(p[k - 2]) | uint32_t(p[k - 1]) << 8 | uint32_t(p[k]) << 16;
+        if (test_bit(ends3_, filter_slot(last3, kEnds3Bits))) return true;
+        return k + 2 <= n && test_bit(inner4_, filter_slot(last3 | uint32_t(p[k + 1]) << 24, kInner4Bits));
+    }
+    static constexpr int kEnds3Bits = 20, kInner4Bits = 21;
+    static uint32_t filter_slot(uint32_t bytes, int bits) { return (bytes * 0x9E3779B1u) >> (32 - bits); }
+    static bool test_bit(const std::vector<uint64_t>& bits, size_t i) { return bits[i >> 6] >> (i & 63) & 1; }
 
     BytesRankMap ranks_;
     PairRankMap pairs_;
@@ -280,6 +300,13 @@ class BytePairEncoder {
     std::vector<Rank> node_rank_;
     Rank byte_ranks_[256] = {};
     Rank max_rank_ = 0;
+    // Bit sets for may_span(): bit (a << 8 | b) of starts2_ is set when a token of two or more bytes starts with a b;
+    // ends3_ and inner4_ hash the last three bytes of every token of three or more bytes and every four consecutive
+    // bytes inside a token (a hash collision only costs a cut).
+    std::vector<uint64_t> starts2_, ends3_, inner4_;
+    // Every token's own bytes merge into that token (true of tiktoken's vocabularies). Then a chunk of a piece encodes
+    // like a piece of the same bytes, so chunks can share the piece cache.
+    bool self_merging_ = false;
     uint64_t id_ = 0;  // unique per build, never reused: names this vocabulary's piece caches
 };
 

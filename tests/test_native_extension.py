@@ -121,3 +121,44 @@ def test_piece_cache_conflicts_keep_tokens_exact():
     assert [core.encode_single_piece(p) for p in pieces] == first
     for p, got in list(zip(pieces, first))[:: 97]:
         assert got == _reference_bpe(ranks, p)
+
+
+def test_token_whose_own_bytes_merge_differently():
+    # "abc" is a token but neither "ab" nor "bc" is, so merging never makes it: only a whole piece "abc" is that
+    # token. Inside a longer piece (where pieces are cut into chunks) it must stay three bytes, as in tiktoken.
+    ranks = _byte_ranks()
+    ranks[b"abc"] = 0
+    core = _C.CoreBPE(ranks, {}, r"\S+")
+    assert core.encode_single_piece(b"abc") == [0]
+    for piece in (b"abc" * 6, b"abc" * 2, b"xabc" * 5):
+        assert core.encode_single_piece(piece) == [100 + c for c in piece]
+
+
+_ALPHABET = ["a", "b", " ", "é", "日", "本", "語", "の", "ー", "\U0001f600"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_vocabularies_match_tiktoken_on_multibyte_pieces(seed):
+    # Random vocabularies (usually with tokens their own bytes do not merge into) and trained ones (whose tokens all
+    # merge from their bytes, which enables cutting pieces into cached chunks), on pieces of 1 to 80 bytes mixing
+    # one- to four-byte characters: every path of the merge against tiktoken.
+    tiktoken = pytest.importorskip("tiktoken")
+    rng = random.Random(seed)
+    text = "".join(rng.choice(_ALPHABET) for _ in range(4000))
+    random_ranks = _byte_ranks(offset=50_000)
+    encoded = text.encode()
+    for rank in range(3000):
+        start = rng.randrange(len(encoded) - 8)
+        random_ranks.setdefault(encoded[start : start + rng.randrange(2, 9)], rank)
+    from llmfast.tokenizer import train_bpe
+
+    trained = train_bpe(text, 256 + 600, pat_str=r"\S+").mergeable_ranks
+    for ranks in (random_ranks, trained):
+        ref = tiktoken.Encoding("t", pat_str=r"\S+", mergeable_ranks=ranks, special_tokens={})
+        core = _C.CoreBPE(ranks, {}, r"\S+")
+        pieces = []
+        for _ in range(600):
+            start = rng.randrange(len(text) - 40)
+            pieces.append(text[start : start + rng.randrange(1, 40)].encode())
+        for piece in pieces + pieces:  # the second time, short pieces and chunks come from the cache
+            assert core.encode_single_piece(piece) == ref._encode_single_piece(piece), piece
