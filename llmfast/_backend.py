@@ -79,7 +79,20 @@ def resolve(op: str, tensor: torch.Tensor) -> str:
 
     ``"torch"`` means the torch-native fast path chosen by ``auto`` where Triton cannot run.
     Asking for ``"triton"`` where it cannot run raises instead of silently falling back.
+    Under ``torch.compile`` the choice is made once, at trace time (Dynamo cannot trace a ContextVar), so the
+    backend in force when a function is compiled stays baked into its graph.
     """
+    if torch.compiler.is_compiling():
+        return _resolve_at_trace_time(op, tensor.device)
+    return _resolve(op, tensor)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_at_trace_time(op: str, device: torch.device) -> str:
+    return _resolve(op, torch.empty(0, device=device))
+
+
+def _resolve(op: str, tensor: torch.Tensor) -> str:
     name = get_backend()
     if name == "reference":
         return "reference"

@@ -137,9 +137,7 @@ def tokenizer_classes() -> dict[str, type]:
     """Every ``--tokenizer`` choice and the class that makes it."""
     import llmfast.tokenizer as bpe
 
-    choices: dict[str, type] = {"bytes": ByteTokenizer}
-    if hasattr(bpe, "train_bpe"):
-        choices["bpe"] = TrainedBPETokenizer
+    choices: dict[str, type] = {"bytes": ByteTokenizer, "bpe": TrainedBPETokenizer}
     choices.update((name, NamedBPETokenizer) for name in bpe.list_encoding_names())
     return choices
 

@@ -1146,19 +1146,6 @@ def _flash_torch(q, k, v, dropout_p, scale, left, right, with_lse):
     return out, torch.logsumexp(scores, dim=-1)
 
 
-@torch.compiler.assume_constant_result
-def _resolve_while_compiling(op: str, device: torch.device) -> str:
-    return _backend.resolve(op, torch.empty(0, device=device))
-
-
-def _resolve(op: str, tensor: torch.Tensor) -> str:
-    """``_backend.resolve``; under torch.compile evaluated once at trace time (Dynamo cannot trace its ContextVar),
-    so the backend in force when a function is compiled stays baked into that compiled graph."""
-    if torch.compiler.is_compiling():
-        return _resolve_while_compiling(op, tensor.device)
-    return _backend.resolve(op, tensor)
-
-
 def _reference():
     from llmfast.reference import attention as reference  # late: the reference is only needed when selected
 
@@ -1205,7 +1192,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     if attn_mask is not None:
         _check_mask(attn_mask, query, tuple(query.shape[:-1]) + (key.shape[-2],))
 
-    impl = _resolve("scaled_dot_product_attention", query)
+    impl = _backend.resolve("scaled_dot_product_attention", query)
     if impl == "reference":
         return _reference().scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
                                                          dropout_p=dropout_p, is_causal=is_causal, scale=scale,
@@ -1254,7 +1241,7 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     if causal:
         right = 0
 
-    impl = _resolve("flash_attn_func", q)
+    impl = _backend.resolve("flash_attn_func", q)
     if impl == "reference":
         return _reference().flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale,
                                             causal=causal, window_size=tuple(window_size),
@@ -1300,7 +1287,7 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     if causal:
         right = 0
 
-    impl = _resolve("flash_attn_varlen_func", q)
+    impl = _backend.resolve("flash_attn_varlen_func", q)
     if impl == "reference":
         return _reference().flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                    dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
