@@ -110,7 +110,7 @@ struct PieceCachePool {
     uint64_t clock = 0;
 };
 
-PieceCache& PieceCache::for_thread(uint64_t owner) {
+PieceCache& PieceCache::for_thread(uint64_t owner, bool narrow) {
     thread_local PieceCachePool pool;
     const uint64_t now = ++pool.clock;
     std::unique_ptr<PieceCache>* victim = nullptr;
@@ -127,6 +127,7 @@ PieceCache& PieceCache::for_thread(uint64_t owner) {
         *victim = std::make_unique<PieceCache>();
     (*victim)->owner_ = owner;
     (*victim)->last_use_ = now;
+    (*victim)->narrow_ = narrow;
     return **victim;
 }
 
@@ -237,21 +238,30 @@ void BytePairEncoder::build(const std::vector<std::pair<std::string, Rank>>& mer
     ranks_ = std::move(map);
     max_rank_ = max_rank;
 
+    // may_span()'s bit sets; the hashed one gets about four bits per entry (so few collisions) up to 1 MiB.
+    size_t ngram_count = 0;
+    for (const auto& entry : mergeable) {
+        const size_t len = entry.first.size();
+        ngram_count += (len >= 3) + (len >= 4) + (len >= 5) + (len >= 6 ? len - 5 : 0);
+    }
+    ngram_bits_ = 16;
+    while ((size_t(1) << ngram_bits_) < 4 * ngram_count && ngram_bits_ < 23) ++ngram_bits_;
     starts2_.assign(65536 / 64, 0);
-    ends3_.assign((size_t(1) << kEnds3Bits) / 64, 0);
-    inner4_.assign((size_t(1) << kInner4Bits) / 64, 0);
+    ngrams_.assign((size_t(1) << ngram_bits_) / 64, 0);
     auto set_bit = [](std::vector<uint64_t>& bits, size_t i) { bits[i >> 6] |= uint64_t(1) << (i & 63); };
     for (const auto& entry : mergeable) {
         const auto* t = reinterpret_cast<const uint8_t*>(entry.first.data());
         const size_t len = entry.first.size();
-        if (len >= 2) set_bit(starts2_, size_t(t[0]) << 8 | t[1]);
-        if (len >= 3)
-            set_bit(ends3_, filter_slot(uint32_t(t[len - 3]) | uint32_t(t[len - 2]) << 8 | uint32_t(t[len - 1]) << 16,
-                                        kEnds3Bits));
-        for (size_t j = 0; j + 4 <= len; ++j)
-            set_bit(inner4_, filter_slot(uint32_t(t[j]) | uint32_t(t[j + 1]) << 8 | uint32_t(t[j + 2]) << 16 |
-                                             uint32_t(t[j + 3]) << 24,
-                                         kInner4Bits));
+        auto bytes_at = [t](size_t from, size_t count) {
+            uint64_t v = 0;
+            for (size_t i = 0; i < count; ++i) v |= uint64_t(t[from + i]) << (8 * i);
+            return v;
+        };
+        if (len >= 2) set_bit(starts2_, bytes_at(0, 2));
+        if (len >= 3) set_bit(ngrams_, ngram_slot(bytes_at(0, 3), 3));
+        if (len >= 4) set_bit(ngrams_, ngram_slot(bytes_at(len - 4, 4), 4));
+        if (len >= 5) set_bit(ngrams_, ngram_slot(bytes_at(len - 5, 5), 5));
+        for (size_t j = 0; j + 6 <= len; ++j) set_bit(ngrams_, ngram_slot(bytes_at(j, 6), 6));
     }
     // A token whose bytes alone merge into something else (possible in a hand-made vocabulary: "abc" with neither
     // "ab" nor "bc") is found by the whole-piece lookup only when it is a whole piece, so a chunk of its bytes must
@@ -278,16 +288,12 @@ Rank* BytePairEncoder::encode_short_uncached(std::string_view piece, const Piece
     if (whole != kNoRank) {
         *w = whole, end = w + 1;
     } else if (may_cut && self_merging_) {
-        // A piece that cuts is not cached itself: its chunks are, and they recur far more often than it does (a
-        // rarely repeated CJK phrase would only push recurring chunks out).
-        bool was_cut = false;
-        end = merge_cut(piece, w, cache, &was_cut);
-        if (was_cut) return end;
+        end = merge_cut(piece, w, cache);
     } else {
         end = merge_short(piece, w);
     }
     const size_t count = static_cast<size_t>(end - w);
-    if (count <= PieceCache::kMaxTokens) cache.insert(key, w, count);
+    if (count <= cache.capacity()) cache.insert(key, w, count);
     return end;
 }
 
@@ -317,17 +323,29 @@ Rank* BytePairEncoder::encode_chunk(std::string_view chunk, Rank* w, PieceCache&
 // makes a token covering both parts, so no merge crosses such a cut and the merges on either side never interact.
 // Cuts are tried only before the first byte of a character. CJK runs fall into chunks of one or a few characters,
 // which recur, so most chunks come from the piece cache; the rare long chunk is cut further by merge_chunked().
-Rank* BytePairEncoder::merge_cut(std::string_view piece, Rank* w, PieceCache& cache, bool* was_cut) const {
+Rank* BytePairEncoder::merge_cut(std::string_view piece, Rank* w, PieceCache& cache) const {
     const size_t n = piece.size();
     const uint8_t* p = reinterpret_cast<const uint8_t*>(piece.data());
+    // Byte length of the UTF-8 character a byte starts (1 for continuation and invalid bytes): stepping by it visits
+    // the starts of characters (on invalid UTF-8 it may step over one, which only costs a cut).
+    auto char_length = [](uint8_t b) { return size_t(1) + (b >= 0xC0) + (b >= 0xE0) + (b >= 0xF0); };
     size_t start = 0;
-    for (size_t k = 1; k < n; ++k) {
-        if ((p[k] & 0xC0) == 0x80 || may_span(p, n, k)) continue;
+    for (size_t k = char_length(p[0]); k < n; k += char_length(p[k])) {
+        bool span;
+        if (k >= 3 && k + 3 <= n) {
+            uint32_t low;
+            uint16_t high;
+            std::memcpy(&low, p + k - 3, 4);
+            std::memcpy(&high, p + k + 1, 2);
+            span = may_span_inside(low | uint64_t(high) << 32);
+        } else {
+            span = may_span(p, n, k);
+        }
+        if (span) continue;
         w = encode_chunk(piece.substr(start, k - start), w, cache, true);
         start = k;
     }
     if (start == 0) return n <= kShortPiece ? merge_short(piece, w) : merge_chunked(piece, w, cache);
-    if (was_cut) *was_cut = true;
     return encode_chunk(piece.substr(start), w, cache, true);
 }
 
@@ -373,28 +391,29 @@ Rank* BytePairEncoder::merge_chunked(std::string_view piece, Rank* w, PieceCache
 
 // tiktoken's scan over parts: token[i] is part i's rank, pair[i] the rank of parts i and i+1 joined. Each step finds
 // the lowest pair (leftmost on ties), joins it, and refreshes only the two pairs that touch the joined part.
-// Quadratic in the piece, so only for short pieces, where it beats a heap.
+// Quadratic in the piece, so only for short pieces, where it beats a heap: the pair array has a fixed width padded
+// with kNoRank, so the minimum is a branch-free pass of constant length, and parts shift with plain moves.
 Rank* BytePairEncoder::merge_short(std::string_view piece, Rank* w) const {
     const size_t n = piece.size();
-    Rank pair[kShortPiece + 1];
-    Rank token[kShortPiece + 1];
+    Rank pair[kShortPiece];
+    Rank token[kShortPiece];
     const uint8_t* p = reinterpret_cast<const uint8_t*>(piece.data());
+    for (size_t i = 0; i < kShortPiece; ++i) pair[i] = kNoRank;
     for (size_t i = 0; i < n; ++i) token[i] = byte_ranks_[p[i]];
-    token[n] = kNoRank;
     for (size_t i = 0; i + 1 < n; ++i) pair[i] = byte_pair_ranks_[(size_t(p[i]) << 8) | p[i + 1]];
-    pair[n - 1] = pair[n] = kNoRank;
     size_t parts = n;
-    while (parts > 1) {
-        // Two passes: a branch-free minimum (vectorizes) and then the first position holding it (leftmost tie).
+    for (;;) {
         Rank best = kNoRank;
-        for (size_t i = 0; i + 1 < parts; ++i) best = pair[i] < best ? pair[i] : best;
+        for (size_t i = 0; i < kShortPiece; ++i) best = pair[i] < best ? pair[i] : best;
         if (best == kNoRank) break;
         size_t bi = 0;
         while (pair[bi] != best) ++bi;
+        // Join parts bi and bi+1; the tail moves left (the kNoRank padding follows it).
         token[bi] = best;
-        // Remove part bi+1 by shifting the tail left (pair[parts-1] stays kNoRank).
-        std::memmove(token + bi + 1, token + bi + 2, (parts - bi - 1) * sizeof(Rank));
-        std::memmove(pair + bi + 1, pair + bi + 2, (parts - bi - 1) * sizeof(Rank));
+        for (size_t i = bi + 1; i + 1 < parts; ++i) {
+            token[i] = token[i + 1];
+            pair[i] = pair[i + 1];
+        }
         --parts;
         pair[bi] = bi + 1 < parts ? pairs_.find(best, token[bi + 1]) : kNoRank;
         if (bi > 0) pair[bi - 1] = pairs_.find(token[bi - 1], best);

@@ -93,7 +93,7 @@ class PairRankMap {
 // entry's token slots at once.
 class TokenBuffer {
    public:
-    static constexpr size_t kSlack = 4;
+    static constexpr size_t kSlack = 8;
 
     TokenBuffer() = default;
     TokenBuffer(TokenBuffer&& other) noexcept : data_(other.data_), size_(other.size_), capacity_(other.capacity_) {
@@ -145,9 +145,14 @@ class TokenBuffer {
 class PieceCache {
    public:
     static constexpr size_t kMaxBytes = 16;
-    static constexpr size_t kMaxTokens = 3;
+    // 16384 sets x 2 entries, 1 MiB (the L2 of a recent core): room for the distinct pieces of a long English text
+    // or the chunks of a CJK one, with few collisions.
+    static constexpr int kSetBits = 14;
+    static constexpr size_t kSets = size_t(1) << kSetBits;
+    // Ranks below 2^20 (all of tiktoken's) pack six to an entry; larger ones three.
+    static constexpr Rank kNarrowRanks = Rank(1) << 20;
+    static constexpr size_t kMaxTokens = 6;
     static_assert(kMaxTokens <= TokenBuffer::kSlack, "find() writes all of an entry's token slots");
-    static constexpr size_t kSets = size_t(1) << 13;  // 8192 sets x 2 entries, 512 KiB: about the L2 of one core
 
     struct Key {
         uint64_t a, b;
@@ -171,41 +176,65 @@ class PieceCache {
             b = 0;
         }
         const uint64_t h = (a ^ (b * 0x9E3779B97F4A7C15ull) ^ n) * 0xD6E8FEB86659FD93ull;
-        return {a, b, static_cast<uint32_t>(n), static_cast<uint32_t>(h >> (64 - 13))};
+        return {a, b, static_cast<uint32_t>(n), static_cast<uint32_t>(h >> (64 - kSetBits))};
     }
-    // Writes the piece's tokens at w (all kMaxTokens slots; the first `count` are the piece's) and returns w + count,
-    // or returns null when the piece is not cached.
+    // How many tokens an entry holds.
+    size_t capacity() const { return narrow_ ? 6 : 3; }
+    // Writes the piece's tokens at w (all of an entry's token slots; the first `count` are the piece's) and returns
+    // w + count, or returns null when the piece is not cached.
     Rank* find(const Key& k, Rank* w) const {
         const Set& s = sets_[k.set];
         for (const Entry& e : s.entry) {
-            if (e.a == k.a && e.b == k.b && e.len == k.len) {
-                std::memcpy(w, e.tokens, sizeof(e.tokens));
-                return w + e.count;
+            if (e.a == k.a && e.b == k.b && (e.lo & 0x1F) == k.len) {
+                constexpr uint64_t m = kNarrowRanks - 1;
+                if (narrow_) {
+                    w[0] = Rank(e.lo >> 8 & m);
+                    if ((e.lo >> 5 & 7) > 1) {  // more than one token (most pieces are one)
+                        w[1] = Rank(e.lo >> 28 & m);
+                        w[2] = Rank(e.lo >> 48 | (e.hi & 0xF) << 16);
+                        w[3] = Rank(e.hi >> 4 & m);
+                        w[4] = Rank(e.hi >> 24 & m);
+                        w[5] = Rank(e.hi >> 44);
+                    }
+                } else {
+                    w[0] = Rank(e.lo >> 32);
+                    w[1] = Rank(e.hi);
+                    w[2] = Rank(e.hi >> 32);
+                }
+                return w + (e.lo >> 5 & 7);
             }
         }
         return nullptr;
     }
+    // Caches the tokens of a piece (count <= capacity()), as the most recent entry of its set.
     void insert(const Key& k, const Rank* tokens, size_t count) {
         Set& s = sets_[k.set];
         s.entry[1] = s.entry[0];
         Entry& e = s.entry[0];
         e.a = k.a;
         e.b = k.b;
-        e.len = static_cast<uint8_t>(k.len);
-        e.count = static_cast<uint8_t>(count);
-        std::memcpy(e.tokens, tokens, count * sizeof(Rank));
+        uint64_t t[6] = {};
+        for (size_t i = 0; i < count; ++i) t[i] = tokens[i];
+        e.lo = k.len | count << 5;
+        if (narrow_) {
+            e.lo |= t[0] << 8 | t[1] << 28 | t[2] << 48;
+            e.hi = t[2] >> 16 | t[3] << 4 | t[4] << 24 | t[5] << 44;
+        } else {
+            e.lo |= t[0] << 32;
+            e.hi = t[1] | t[2] << 32;
+        }
     }
 
     // The calling thread's cache for the encoder numbered `owner` (a few are kept per thread; taking over one
-    // clears it).
-    static PieceCache& for_thread(uint64_t owner);
+    // clears it). `narrow`: every rank of that encoder is below kNarrowRanks.
+    static PieceCache& for_thread(uint64_t owner, bool narrow);
 
    private:
+    // Key words, then the payload: bits 0-4 of `lo` the piece's length (0: empty; cached pieces have at least two
+    // bytes), bits 5-7 the token count, then the tokens, 20 bits each from bit 8 on (narrow) or 32 bits each from
+    // bit 32 on.
     struct Entry {
-        uint64_t a = 0, b = 0;
-        uint8_t len = 0;  // 0: empty (cached pieces have at least 2 bytes)
-        uint8_t count = 0;
-        Rank tokens[kMaxTokens] = {};
+        uint64_t a = 0, b = 0, lo = 0, hi = 0;
     };
     struct alignas(64) Set {
         Entry entry[2];
@@ -214,6 +243,7 @@ class PieceCache {
     std::unique_ptr<Set[]> sets_ = std::make_unique<Set[]>(kSets);
     uint64_t owner_ = 0;
     uint64_t last_use_ = 0;
+    bool narrow_ = false;
     friend struct PieceCachePool;
 };
 
@@ -246,7 +276,7 @@ class BytePairEncoder {
             w = encode_long(piece, w, cache);
         out.set_end(w);
     }
-    PieceCache& piece_cache() const { return PieceCache::for_thread(id_); }
+    PieceCache& piece_cache() const { return PieceCache::for_thread(id_, max_rank_ < PieceCache::kNarrowRanks); }
 
     size_t vocab_size() const { return ranks_.size(); }
     Rank max_rank() const { return max_rank_; }
@@ -269,24 +299,37 @@ class BytePairEncoder {
     // One chunk of a cut piece (self-merging vocabularies only): a byte, a short chunk through the cache, or a long
     // one cut further (`cut_further`) or merged whole.
     Rank* encode_chunk(std::string_view chunk, Rank* w, PieceCache& cache, bool cut_further) const;
-    // Sets *was_cut when the piece was cut into chunks.
-    Rank* merge_cut(std::string_view piece, Rank* w, PieceCache& cache, bool* was_cut = nullptr) const;
+    Rank* merge_cut(std::string_view piece, Rank* w, PieceCache& cache) const;
     Rank* merge_short(std::string_view piece, Rank* w) const;
     Rank* merge_long(std::string_view piece, Rank* w) const;
     Rank* merge_chunked(std::string_view piece, Rank* w, PieceCache& cache) const;
 
-    // False when no token of the vocabulary can cover both byte k-1 and byte k of p[0, n) (0 < k < n), so no merge
-    // joins them. A token covering them starts at k-1 (its first two bytes are p[k-1] p[k]), or ends at k+1 (its
-    // last three are p[k-2..k]), or holds p[k-2..k+1]: one bit-set test each.
+    // Could a token of the vocabulary cover both byte k-1 and byte k of p[0, n) (0 < k < n)? False means no merge
+    // joins them. Such a token starts at k-1 or k-2 (so its first two or three bytes are known), or starts earlier and
+    // ends at k+1 or k+2 (its last four or five bytes are known), or holds p[k-3..k+2]: one bit-set test each, the
+    // first exact, the others hashed (a collision only costs a cut). For a CJK character boundary only a token
+    // holding both characters (a word) blocks the cut.
     bool may_span(const uint8_t* p, size_t n, size_t k) const {
-        if (test_bit(starts2_, size_t(p[k - 1]) << 8 | p[k])) return true;
-        if (k < 2) return false;
-        const uint32_t last3 = uint32_t(p[k - 2]) | uint32_t(p[k - 1]) << 8 | uint32_t(p[k]) << 16;
-        if (test_bit(ends3_, filter_slot(last3, kEnds3Bits))) return true;
-        return k + 2 <= n && test_bit(inner4_, filter_slot(last3 | uint32_t(p[k + 1]) << 24, kInner4Bits));
+        const size_t left = std::min<size_t>(k, 3), right = std::min<size_t>(n - k, 3);
+        uint64_t window = 0;  // byte 3 - left + i is p[k - left + i]: byte 2 is p[k-1], byte 3 is p[k]
+        for (size_t i = 0; i < left + right; ++i) window |= uint64_t(p[k - left + i]) << (8 * (3 - left + i));
+        if (left == 3 && right == 3) return may_span_inside(window);
+        return test_bit(starts2_, (window >> 16) & 0xFFFF) ||
+               (left >= 2 && test_ngram((window >> 8) & 0xFFFFFF, 3)) ||
+               (left == 3 && (test_ngram(window & 0xFFFFFFFF, 4) ||
+                              (right >= 2 && test_ngram(window & 0xFFFFFFFFFF, 5))));
     }
-    static constexpr int kEnds3Bits = 20, kInner4Bits = 21;
-    static uint32_t filter_slot(uint32_t bytes, int bits) { return (bytes * 0x9E3779B1u) >> (32 - bits); }
+    // may_span() with three bytes on each side, from window = p[k-3..k+2] little-endian: the tests without branches.
+    bool may_span_inside(uint64_t window) const {
+        return test_bit(starts2_, (window >> 16) & 0xFFFF) | test_ngram((window >> 8) & 0xFFFFFF, 3) |
+               test_ngram(window & 0xFFFFFFFF, 4) | test_ngram(window & 0xFFFFFFFFFF, 5) |
+               test_ngram(window & 0xFFFFFFFFFFFF, 6);
+    }
+    // Bit of the hashed n-gram set for `len` bytes (little-endian in `bytes`); the length tells the four sets apart.
+    size_t ngram_slot(uint64_t bytes, unsigned len) const {
+        return static_cast<size_t>(((bytes | uint64_t(len) << 56) * 0x9E3779B97F4A7C15ull) >> (64 - ngram_bits_));
+    }
+    bool test_ngram(uint64_t bytes, unsigned len) const { return test_bit(ngrams_, ngram_slot(bytes, len)); }
     static bool test_bit(const std::vector<uint64_t>& bits, size_t i) { return bits[i >> 6] >> (i & 63) & 1; }
 
     BytesRankMap ranks_;
@@ -300,10 +343,11 @@ class BytePairEncoder {
     std::vector<Rank> node_rank_;
     Rank byte_ranks_[256] = {};
     Rank max_rank_ = 0;
-    // Bit sets for may_span(): bit (a << 8 | b) of starts2_ is set when a token of two or more bytes starts with a b;
-    // ends3_ and inner4_ hash the last three bytes of every token of three or more bytes and every four consecutive
-    // bytes inside a token (a hash collision only costs a cut).
-    std::vector<uint64_t> starts2_, ends3_, inner4_;
+    // Bit sets for may_span(): bit (a | b << 8) of starts2_ is set when a token of two or more bytes starts with a b;
+    // ngrams_ hashes the first three, last four and last five bytes of each token and every six consecutive bytes
+    // inside one.
+    std::vector<uint64_t> starts2_, ngrams_;
+    unsigned ngram_bits_ = 16;
     // Every token's own bytes merge into that token (true of tiktoken's vocabularies). Then a chunk of a piece encodes
     // like a piece of the same bytes, so chunks can share the piece cache.
     bool self_merging_ = false;

@@ -47,6 +47,7 @@ namespace pretokenize_detail {
 
 using unicode::char_at;
 using unicode::CharInfo;
+using unicode::kCharFlagBlocks;
 namespace flag = unicode;  // flag::kL, flag::kN, ...
 
 inline constexpr uint8_t kLetterNumberSpace = flag::kL | flag::kN | flag::kS;
@@ -152,10 +153,35 @@ inline size_t next_piece_r50k(const uint8_t* s, size_t n, size_t i) {
     return ws.end;                              // \s
 }
 
+// The fast path of the cl100k and o200k scanners: most pieces of English and code are a run of ASCII letters, maybe
+// after one ASCII prefix character. Returns where the letters from `start` on begin (the prefix taken), or n + 1
+// when the piece at i is not of that form.
+inline size_t ascii_letters_start(const uint8_t* s, size_t n, size_t i) {
+    const uint8_t f0 = kCharFlagBlocks[s[i]];  // s[i] < 0x80
+    if (f0 & flag::kL) return i;
+    // A prefix is anything but \r \n, a letter or a number.
+    if (!(f0 & (flag::kN | flag::kNl)) && i + 1 < n && s[i + 1] < 0x80 && (kCharFlagBlocks[s[i + 1]] & flag::kL))
+        return i + 1;
+    return n + 1;
+}
+
+// End of the run of ASCII bytes from j whose flags intersect `mask`.
+inline size_t ascii_run(const uint8_t* s, size_t n, size_t j, uint8_t mask) {
+    while (j < n && s[j] < 0x80 && (kCharFlagBlocks[s[j]] & mask)) ++j;
+    return j;
+}
+
 // cl100k_base:
 //   '(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|
 //   \s+(?!\S)|\s
 inline size_t next_piece_cl100k(const uint8_t* s, size_t n, size_t i) {
+    if (s[i] < 0x80 && s[i] != '\'') {  // the apostrophe may start a contraction
+        const size_t start = ascii_letters_start(s, n, i);
+        if (start <= n) {
+            const size_t e = ascii_run(s, n, start, flag::kL);
+            if (e == n || s[e] < 0x80) return e;  // else a letter may follow: the general path decides
+        }
+    }
     if (s[i] == '\'') {
         const size_t e = contraction_folded(s, n, i);
         if (e != i) return e;
@@ -216,6 +242,14 @@ inline CaseWordScan case_word(const uint8_t* s, size_t n, size_t start) {
 //   [^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|
 //   \p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+
 inline size_t next_piece_o200k(const uint8_t* s, size_t n, size_t i) {
+    if (s[i] < 0x80) {
+        const size_t start = ascii_letters_start(s, n, i);
+        if (start <= n) {
+            // ASCII letters are [A-Z] (U) or [a-z] (W): U*W+ when lower-case letters follow the capitals, else U+.
+            const size_t e = ascii_run(s, n, ascii_run(s, n, start, flag::kUpper), flag::kLower);
+            if (e == n || s[e] < 0x80) return contraction_folded(s, n, e);
+        }
+    }
     const CharInfo c0 = char_at(s + i, s + n);
     const uint8_t f0 = c0.flags;
     const size_t i1 = i + c0.len;

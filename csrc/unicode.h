@@ -55,13 +55,26 @@ struct CharInfo {
     uint8_t len;    // bytes
 };
 
-// Class flags and byte length of the character at p (p < end). ASCII takes one table load.
-inline CharInfo char_at(const uint8_t* p, const uint8_t* end) {
+// Class flags and byte length of the non-ASCII character at p (p < end). The three-byte form (all of CJK) is decoded
+// and checked without branching on each byte.
+inline CharInfo char_at_multibyte(const uint8_t* p, const uint8_t* end) {
     const uint8_t b0 = p[0];
-    if (b0 < 0x80) return {kCharFlagBlocks[b0], 1};
+    if ((b0 & 0xF0) == 0xE0 && end - p >= 3) {
+        const uint32_t b1 = p[1] ^ 0x80u, b2 = p[2] ^ 0x80u;  // continuation bytes become 0..0x3F
+        const uint32_t cp = (uint32_t(b0 & 0x0F) << 12) | (b1 << 6) | b2;
+        // Both continuation bytes, not overlong (>= U+0800), not a UTF-16 surrogate.
+        if ((b1 | b2) < 0x40 && cp >= 0x800 && (cp & 0xF800) != 0xD800) return {char_flags(cp), 3};
+    }
     uint32_t cp;
     const size_t len = decode_utf8(p, end, cp);
     return {char_flags(cp), static_cast<uint8_t>(len)};
+}
+
+// Class flags and byte length of the character at p (p < end). ASCII takes one table load; the scanners call this
+// per character, so it is always inlined.
+__attribute__((always_inline)) inline CharInfo char_at(const uint8_t* p, const uint8_t* end) {
+    if (p[0] < 0x80) return {kCharFlagBlocks[p[0]], 1};
+    return char_at_multibyte(p, end);
 }
 
 // The lowercase ASCII letter that the character at p matches case-insensitively (Unicode simple case folding, as
