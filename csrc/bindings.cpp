@@ -8,6 +8,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <memory>
 #include <new>
@@ -281,25 +282,59 @@ class CoreBPE {
         const uint8_t* forbid = mask_of(disallowed, "disallowed_mask");
         std::vector<llmfast::TokenBuffer> results(n);
         std::vector<long long> bad(n, -1);
-        {
-            py::gil_scoped_release release;
-            llmfast::parallel_for(n, num_threads, [&](size_t i) {
-                size_t pos = 0, index = 0;
-                if (forbid && encoder_->find_special(views[i], 0, forbid, pos, index)) {
-                    bad[i] = static_cast<long long>(index);
-                    return;
-                }
+        std::unique_ptr<std::atomic<bool>[]> encoded(new std::atomic<bool>[n]);
+        for (size_t i = 0; i < n; ++i) encoded[i].store(false, std::memory_order_relaxed);
+        std::atomic<size_t> next{0};
+        auto encode_one = [&](size_t i) {
+            size_t pos = 0, index = 0;
+            if (forbid && encoder_->find_special(views[i], 0, forbid, pos, index)) {
+                bad[i] = static_cast<long long>(index);
+            } else {
                 results[i].reserve(views[i].size() / 4 + 8);
                 encoder_->encode(views[i], allow, results[i]);
+            }
+            encoded[i].store(true, std::memory_order_release);
+        };
+        // Building the lists needs the GIL, so only the calling thread does it: between documents of its own it
+        // turns the finished prefix of the batch into lists while the pool threads keep encoding. The list building
+        // overlaps the encoding instead of following it, which is what lets a batch scale with threads.
+        py::list out(n);
+        bool any_bad = false;
+        {
+            py::gil_scoped_release release;
+            llmfast::parallel_run(std::max<size_t>(1, std::min(num_threads, n)), [&](size_t thread) {
+                if (thread != 0) {
+                    for (size_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) encode_one(i);
+                    return;
+                }
+                constexpr size_t kListBatch = 8;  // documents per GIL acquisition
+                size_t listed = 0;
+                while (listed < n) {
+                    size_t ready = listed;
+                    while (ready < n && encoded[ready].load(std::memory_order_acquire)) ++ready;
+                    const bool all_claimed = next.load(std::memory_order_relaxed) >= n;
+                    if (ready - listed >= kListBatch || (ready > listed && all_claimed)) {
+                        py::gil_scoped_acquire gil;
+                        for (; listed < ready; ++listed) {
+                            if (bad[listed] >= 0) {
+                                any_bad = true;
+                            } else if (!any_bad) {
+                                PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(listed),
+                                                to_list(results[listed]).release().ptr());
+                            }
+                            results[listed] = llmfast::TokenBuffer();
+                        }
+                    } else if (!all_claimed) {
+                        const size_t i = next.fetch_add(1, std::memory_order_relaxed);
+                        if (i < n) encode_one(i);
+                    } else {
+                        std::this_thread::yield();  // a pool thread is finishing the last documents
+                    }
+                }
             });
         }
         for (size_t i = 0; i < n; ++i)
             if (bad[i] >= 0) raise_disallowed(static_cast<size_t>(bad[i]));
-        py::list out(n);
-        for (size_t i = 0; i < n; ++i) {
-            out[i] = to_list(results[i]);
-            results[i] = llmfast::TokenBuffer();
-        }
         return out;
     }
 

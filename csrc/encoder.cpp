@@ -2,10 +2,15 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <exception>
 #include <mutex>
 #include <stdexcept>
 #include <thread>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
 
 #if __has_include("pretokenize.h")
 #include "pretokenize.h"
@@ -187,31 +192,107 @@ bool Encoder::decode(const Rank* ids, size_t n, std::string& out, size_t& bad_po
     return true;
 }
 
+namespace {
+
+// Worker threads kept for the life of the process, so each keeps its piece caches warm from one batch to the next
+// (a fresh thread would start with empty caches and pay for every piece again). One run at a time; a run from a
+// second caller waits for the first. Never destroyed: threads parked on a condition variable are harmless at exit,
+// while joining them during static destruction is not.
+class WorkerPool {
+   public:
+    static WorkerPool& instance() {
+        static std::once_flag registered;
+        std::call_once(registered, [] {
+#if defined(__unix__) || defined(__APPLE__)
+            // A forked child has none of the parent's threads (and maybe a locked mutex): it starts a new pool.
+            pthread_atfork(nullptr, nullptr, [] { current_ = nullptr; });
+#endif
+        });
+        if (!current_) current_ = new WorkerPool();
+        return *current_;
+    }
+
+    void run(size_t threads, const std::function<void(size_t)>& fn) {
+        std::lock_guard<std::mutex> one_run(run_mutex_);
+        std::exception_ptr error;
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            while (workers_ < threads - 1) {
+                std::thread(&WorkerPool::work, this, workers_++).detach();
+            }
+            job_ = &fn;
+            helpers_ = threads - 1;
+            remaining_ = threads - 1;
+            error_ = nullptr;
+            ++generation_;
+        }
+        wake_.notify_all();
+        try {
+            fn(0);
+        } catch (...) {
+            error = std::current_exception();
+        }
+        std::unique_lock<std::mutex> lock(mutex_);
+        done_.wait(lock, [this] { return remaining_ == 0; });
+        if (!error) error = error_;
+        if (error) std::rethrow_exception(error);
+    }
+
+   private:
+    void work(size_t index) {
+        uint64_t seen = 0;
+        std::unique_lock<std::mutex> lock(mutex_);
+        for (;;) {
+            wake_.wait(lock, [&] { return generation_ != seen; });
+            seen = generation_;
+            if (index >= helpers_) continue;
+            const std::function<void(size_t)>* job = job_;
+            lock.unlock();
+            std::exception_ptr error;
+            try {
+                (*job)(index + 1);
+            } catch (...) {
+                error = std::current_exception();
+            }
+            lock.lock();
+            if (error && !error_) error_ = error;
+            if (--remaining_ == 0) done_.notify_one();
+        }
+    }
+
+    static inline WorkerPool* current_ = nullptr;
+    std::mutex run_mutex_;
+    std::mutex mutex_;
+    std::condition_variable wake_, done_;
+    const std::function<void(size_t)>* job_ = nullptr;
+    uint64_t generation_ = 0;
+    size_t workers_ = 0, helpers_ = 0, remaining_ = 0;
+    std::exception_ptr error_;
+};
+
+}  // namespace
+
+void parallel_run(size_t threads, const std::function<void(size_t)>& fn) {
+    if (threads <= 1) {
+        fn(0);
+        return;
+    }
+    WorkerPool::instance().run(threads, fn);
+}
+
 void parallel_for(size_t n, size_t threads, const std::function<void(size_t)>& fn) {
     threads = std::max<size_t>(1, std::min(threads, n));
     std::atomic<size_t> next{0};
-    std::exception_ptr error;
-    std::mutex error_mutex;
-    auto worker = [&] {
-        for (;;) {
-            const size_t i = next.fetch_add(1, std::memory_order_relaxed);
-            if (i >= n) return;
+    parallel_run(threads, [&](size_t) {
+        for (size_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
             try {
                 fn(i);
             } catch (...) {
-                std::lock_guard<std::mutex> lock(error_mutex);
-                if (!error) error = std::current_exception();
-                next.store(n, std::memory_order_relaxed);
-                return;
+                next.store(n, std::memory_order_relaxed);  // the others stop early
+                throw;
             }
         }
-    };
-    std::vector<std::thread> pool;
-    pool.reserve(threads - 1);
-    for (size_t t = 1; t < threads; ++t) pool.emplace_back(worker);
-    worker();
-    for (auto& t : pool) t.join();
-    if (error) std::rethrow_exception(error);
+    });
 }
 
 }  // namespace llmfast

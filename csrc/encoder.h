@@ -71,8 +71,12 @@ class Encoder {
     std::vector<std::pair<Rank, uint64_t>> sparse_;
 };
 
-// Runs fn(i) for i in [0, n) on up to `threads` threads (the caller's thread included). The first exception thrown
-// by any call is rethrown here after all threads stop.
+// Runs fn(t) for t in [0, threads) at the same time: t = 0 on the calling thread, the others on a pool of worker
+// threads kept for the process's life. Returns when all have returned; the first exception thrown is rethrown.
+void parallel_run(size_t threads, const std::function<void(size_t)>& fn);
+
+// Runs fn(i) for i in [0, n) on up to `threads` threads (the caller's thread included), handing out indices in
+// order. The first exception thrown by any call is rethrown here after all threads stop.
 void parallel_for(size_t n, size_t threads, const std::function<void(size_t)>& fn);
 
 }  // namespace llmfast
