@@ -2,8 +2,11 @@
 entry point of the native binding (only clean Python exceptions may come out)."""
 from __future__ import annotations
 
+import multiprocessing
+import os
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -72,6 +75,27 @@ def test_batch_of_huge_and_empty_documents():
     enc = get_encoding("o200k_base")
     docs = ["", " " * 200_000, "語" * 100_000, "plain text"] * 2
     assert enc.encode_batch(docs, num_threads=4) == [enc.encode(d) for d in docs]
+
+
+def _encode_batch_in_child(docs):
+    return get_encoding("cl100k_base").encode_batch(docs, num_threads=2)
+
+
+def test_batch_pool_with_concurrent_callers_errors_and_fork():
+    # The batch threads live on between calls: several Python threads may call at once, a failing batch must leave
+    # the pool usable, and a forked child (which has none of the parent's threads) must get a working pool of its own.
+    enc = get_encoding("cl100k_base")
+    docs = [f"document {i}: " + "some words 語 " * (i % 50) for i in range(64)]
+    expected = [enc.encode(d) for d in docs]
+    assert enc.encode_batch(docs, num_threads=2) == expected
+    with ThreadPoolExecutor(4) as pool:
+        assert all(r == expected for r in pool.map(lambda _: enc.encode_batch(docs, num_threads=2), range(8)))
+    with pytest.raises(ValueError, match="disallowed special"):
+        enc.encode_batch(docs[:10] + ["<|endoftext|>"] + docs[10:], num_threads=2)
+    assert enc.encode_batch(docs, num_threads=2) == expected
+    if hasattr(os, "fork"):
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            assert pool.apply_async(_encode_batch_in_child, (docs,)).get(timeout=120) == expected
 
 
 # ---------------------------------------------------------------- fuzzing the binding
