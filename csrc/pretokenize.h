@@ -108,8 +108,13 @@ inline WhitespaceRun whitespace_run(const uint8_t* s, size_t n, size_t i) {
 
 // Case-insensitive contraction ('s 't 're 've 'm 'll 'd, letters matched as (?i) does) starting at the apostrophe
 // at j. Returns its end, or j when there is none.
-inline size_t contraction_folded(const uint8_t* s, size_t n, size_t j) {
+inline size_t contraction_folded_at(const uint8_t* s, size_t n, size_t j);
+// Inlined test first: almost no piece is followed by an apostrophe.
+__attribute__((always_inline)) inline size_t contraction_folded(const uint8_t* s, size_t n, size_t j) {
     if (j + 1 >= n || s[j] != '\'') return j;
+    return contraction_folded_at(s, n, j);
+}
+inline size_t contraction_folded_at(const uint8_t* s, size_t n, size_t j) {
     size_t len1;
     const char a = unicode::contraction_letter_folded(s + j + 1, s + n, len1);
     const size_t k = j + 1 + len1;
@@ -287,7 +292,7 @@ inline size_t next_piece_o200k(const uint8_t* s, size_t n, size_t i) {
 }
 
 template <size_t (*Next)(const uint8_t*, size_t, size_t), class F>
-inline void scan_pieces(const uint8_t* s, size_t n, F& on_piece) {
+__attribute__((flatten)) inline void scan_pieces(const uint8_t* s, size_t n, F& on_piece) {
     size_t i = 0;
     while (i < n) {
         const size_t e = Next(s, n, i);
