@@ -359,22 +359,25 @@ class CoreBPE {
         if (!b) throw py::error_already_set();
         {
             py::gil_scoped_release release;
-            encoder_->decode_into(ids.data(), ids.size(), PyBytes_AS_STRING(b));
+            encoder_->decode_into(ids.data(), ids.size(), PyBytes_AS_STRING(b), size);
         }
         return py::reinterpret_steal<py::bytes>(b);
     }
 
     py::str decode(py::handle tokens, const std::string& errors) const {
         std::vector<Rank> ids = read_ids(tokens, "tokens");
-        std::string buf;
-        size_t bad = 0;
-        bool ok;
+        size_t bad = 0, size = 0;
+        std::unique_ptr<char[]> buf;
         {
             py::gil_scoped_release release;
-            ok = encoder_->decode(ids.data(), ids.size(), buf, bad);
+            size = encoder_->decoded_size(ids.data(), ids.size(), bad);
+            if (size != SIZE_MAX) {
+                buf.reset(new char[size + 1]);  // uninitialized: every byte is written
+                encoder_->decode_into(ids.data(), ids.size(), buf.get(), size);
+            }
         }
-        if (!ok) raise_unknown(ids[bad], bad);
-        PyObject* s = PyUnicode_DecodeUTF8(buf.data(), static_cast<Py_ssize_t>(buf.size()), errors.c_str());
+        if (size == SIZE_MAX) raise_unknown(ids[bad], bad);
+        PyObject* s = PyUnicode_DecodeUTF8(buf.get(), static_cast<Py_ssize_t>(size), errors.c_str());
         if (!s) throw py::error_already_set();
         return py::reinterpret_steal<py::str>(s);
     }

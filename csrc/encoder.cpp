@@ -71,7 +71,22 @@ Encoder::Encoder(const std::vector<std::pair<std::string, Rank>>& mergeable,
     };
     for (const auto& [bytes, rank] : mergeable) add(bytes, rank);
     for (const auto& [bytes, rank] : specials_) add(bytes, rank);
-    if (!dense) {
+    if (dense) {
+        inline_.resize(dense_.size());
+        for (size_t rank = 0; rank < dense_.size(); ++rank) {
+            InlineToken& t = inline_[rank];
+            const uint64_t e = dense_[rank];
+            const size_t len = static_cast<uint32_t>(e);
+            if (e == kMissing) {
+                t.len = kInlineMissing;
+            } else if (len <= sizeof(t.bytes)) {
+                std::memcpy(t.bytes, decode_arena_.data() + (e >> 32), len);
+                t.len = static_cast<uint8_t>(len);
+            } else {
+                t.len = kInlineLong;
+            }
+        }
+    } else {
         // Stable sort keeps the mergeable entry first when a special shares its rank; then drop the later ones.
         std::stable_sort(sparse_.begin(), sparse_.end(),
                          [](const auto& a, const auto& b) { return a.first < b.first; });
@@ -162,6 +177,21 @@ bool Encoder::token_bytes(Rank id, std::string_view& out) const {
 
 size_t Encoder::decoded_size(const Rank* ids, size_t n, size_t& bad_position) const {
     size_t total = 0;
+    if (!inline_.empty()) {
+        for (size_t i = 0; i < n; ++i) {
+            const Rank id = ids[i];
+            const uint8_t len = id < inline_.size() ? inline_[id].len : kInlineMissing;
+            if (len <= sizeof(InlineToken::bytes)) {
+                total += len;
+            } else if (len == kInlineLong) {
+                total += static_cast<uint32_t>(dense_[id]);
+            } else {
+                bad_position = i;
+                return SIZE_MAX;
+            }
+        }
+        return total;
+    }
     for (size_t i = 0; i < n; ++i) {
         const uint64_t e = lookup_decoder(ids[i]);
         if (e == kMissing) {
@@ -173,8 +203,24 @@ size_t Encoder::decoded_size(const Rank* ids, size_t n, size_t& bad_position) co
     return total;
 }
 
-void Encoder::decode_into(const Rank* ids, size_t n, char* dst) const {
+void Encoder::decode_into(const Rank* ids, size_t n, char* dst, size_t size) const {
     const char* arena = decode_arena_.data();
+    if (!inline_.empty()) {
+        // Whole 16-byte entries are copied while that much room is left (then the next token overwrites the excess).
+        char* const end = dst + size;
+        for (size_t i = 0; i < n; ++i) {
+            const InlineToken& t = inline_[ids[i]];
+            if (t.len <= sizeof(t.bytes)) {
+                std::memcpy(dst, t.bytes, end - dst >= static_cast<ptrdiff_t>(sizeof(t)) ? sizeof(t) : t.len);
+                dst += t.len;
+            } else {
+                const uint64_t e = dense_[ids[i]];
+                std::memcpy(dst, arena + (e >> 32), static_cast<uint32_t>(e));
+                dst += static_cast<uint32_t>(e);
+            }
+        }
+        return;
+    }
     for (size_t i = 0; i < n; ++i) {
         const uint64_t e = lookup_decoder(ids[i]);
         const size_t len = static_cast<uint32_t>(e);
@@ -188,7 +234,7 @@ bool Encoder::decode(const Rank* ids, size_t n, std::string& out, size_t& bad_po
     if (size == SIZE_MAX) return false;
     const size_t old = out.size();
     out.resize(old + size);
-    decode_into(ids, n, out.data() + old);
+    decode_into(ids, n, out.data() + old, size);
     return true;
 }
 

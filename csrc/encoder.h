@@ -49,8 +49,8 @@ class Encoder {
     bool decode(const Rank* ids, size_t n, std::string& out, size_t& bad_position) const;
     // Byte length of the decoded `ids`, or SIZE_MAX (with bad_position set) on an unknown id.
     size_t decoded_size(const Rank* ids, size_t n, size_t& bad_position) const;
-    // Writes the bytes of already validated `ids` into `dst` (which holds decoded_size bytes).
-    void decode_into(const Rank* ids, size_t n, char* dst) const;
+    // Writes the bytes of already validated `ids` into `dst`, which holds `size` = decoded_size() bytes.
+    void decode_into(const Rank* ids, size_t n, char* dst, size_t size) const;
 
    private:
     void encode_segment(std::string_view segment, TokenBuffer& out) const;
@@ -69,6 +69,14 @@ class Encoder {
     std::string decode_arena_;
     std::vector<uint64_t> dense_;
     std::vector<std::pair<Rank, uint64_t>> sparse_;
+    // With a dense decoder, each rank's bytes inline when they fit (most tokens), so decoding a token reads one
+    // 16-byte entry (one cache line) instead of a table slot and then the arena.
+    struct InlineToken {
+        char bytes[15];
+        uint8_t len;  // <= 15: the bytes are inline; else kInlineLong (see dense_) or kInlineMissing
+    };
+    static constexpr uint8_t kInlineLong = 0xFF, kInlineMissing = 0xFE;
+    std::vector<InlineToken> inline_;
 };
 
 // Runs fn(t) for t in [0, threads) at the same time: t = 0 on the calling thread, the others on a pool of worker
