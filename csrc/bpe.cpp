@@ -154,6 +154,10 @@ void BytePairEncoder::build(const std::vector<std::pair<std::string, Rank>>& mer
     }
     BytesRankMap map;
     if (!map.build(views)) throw std::invalid_argument("duplicate byte string in the vocabulary");
+    std::vector<std::pair<std::string_view, Rank>> long_views;
+    for (const auto& view : views)
+        if (view.first.size() > kShortPiece) long_views.push_back(view);
+    long_ranks_.build(long_views);
     std::string missing;
     int n_missing = 0;
     for (int b = 0; b < 256; ++b) {
@@ -297,8 +301,19 @@ Rank* BytePairEncoder::encode_short_uncached(std::string_view piece, const Piece
     return end;
 }
 
+void stream_in(const void* data, size_t size) {
+    const auto* p = static_cast<const volatile uint8_t*>(data);
+    for (size_t i = 0; i < size; i += 64) (void)p[i];
+}
+
+void BytePairEncoder::warm(const PieceCache& cache) const {
+    stream_in(cache.memory().data(), cache.memory().size());
+    if (self_merging_) stream_in(ngrams_.data(), ngrams_.size() * sizeof(uint64_t));
+    long_ranks_.stream_in();
+}
+
 Rank* BytePairEncoder::encode_long(std::string_view piece, Rank* w, PieceCache& cache) const {
-    const Rank whole = ranks_.find(piece);
+    const Rank whole = long_ranks_.find(piece);
     if (whole != kNoRank) {
         *w = whole;
         return w + 1;

@@ -122,29 +122,31 @@ bool Encoder::find_special(std::string_view text, size_t from, const uint8_t* ma
     return false;
 }
 
-void Encoder::encode_segment(std::string_view segment, TokenBuffer& out) const {
+void Encoder::encode_segment(std::string_view segment, TokenBuffer& out, PieceCache& cache) const {
 #if LLMFAST_HAVE_PRETOKENIZE
     // Pieces are merged as the scanner finds them: no piece list in between.
     const char* base = segment.data();
-    PieceCache& cache = bpe_.piece_cache();
     for_each_piece(static_cast<PatternKind>(pattern_kind_), segment, [&](size_t begin, size_t end) {
         bpe_.encode_piece(std::string_view(base + begin, end - begin), out, cache);
     });
 #else
     (void)segment;
     (void)out;
+    (void)cache;
     throw std::logic_error("no native pre-tokenizer in this build");
 #endif
 }
 
 void Encoder::encode(std::string_view text, const uint8_t* allowed_mask, TokenBuffer& out) const {
     if (!has_native_pattern()) throw std::logic_error("this encoding's pattern has no native pre-tokenizer");
+    PieceCache& cache = bpe_.piece_cache();
+    if (text.size() >= BytePairEncoder::kWarmText) bpe_.warm(cache);
     size_t start = 0;
     for (;;) {
         size_t pos = 0, index = 0;
         const bool found = find_special(text, start, allowed_mask, pos, index);
         const size_t end = found ? pos : text.size();
-        if (end > start) encode_segment(text.substr(start, end - start), out);
+        if (end > start) encode_segment(text.substr(start, end - start), out, cache);
         if (!found) break;
         out.push_back(specials_[index].second);
         start = pos + specials_[index].first.size();
@@ -153,7 +155,9 @@ void Encoder::encode(std::string_view text, const uint8_t* allowed_mask, TokenBu
 
 void Encoder::encode_ordinary(std::string_view text, TokenBuffer& out) const {
     if (!has_native_pattern()) throw std::logic_error("this encoding's pattern has no native pre-tokenizer");
-    if (!text.empty()) encode_segment(text, out);
+    PieceCache& cache = bpe_.piece_cache();
+    if (text.size() >= BytePairEncoder::kWarmText) bpe_.warm(cache);
+    if (!text.empty()) encode_segment(text, out, cache);
 }
 
 void Encoder::encode_pieces(const std::vector<std::string_view>& pieces, TokenBuffer& out) const {

@@ -53,7 +53,7 @@ class Encoder {
     void decode_into(const Rank* ids, size_t n, char* dst, size_t size) const;
 
    private:
-    void encode_segment(std::string_view segment, TokenBuffer& out) const;
+    void encode_segment(std::string_view segment, TokenBuffer& out, PieceCache& cache) const;
     uint64_t lookup_decoder(Rank id) const;
 
     BytePairEncoder bpe_;
