@@ -11,6 +11,7 @@ Run ``python benchmarks/bench_tokenizer.py`` for a table, or ``pytest benchmarks
 from __future__ import annotations
 
 import functools
+import os
 import pathlib
 import random
 import statistics
@@ -106,6 +107,7 @@ def test_encode_ordinary(benchmark, name, kind):
         llmfast_MBps=round(nbytes / t["llmfast"] / 1e6, 2),
         tiktoken_MBps=round(nbytes / t["tiktoken"] / 1e6, 2),
         speedup_vs_tiktoken=round(t["tiktoken"] / t["llmfast"], 2),
+        load_average=round(os.getloadavg()[0], 2),
     )
     benchmark(ours.encode_ordinary, text)
 
@@ -139,6 +141,7 @@ def test_encode_batch(benchmark, name, kind):
         tiktoken_2threads_MBps=round(nbytes / t["tiktoken_2"] / 1e6, 2),
         tiktoken_thread_scaling=round(t["tiktoken_1"] / t["tiktoken_2"], 2),
         speedup_vs_tiktoken_2threads=round(t["tiktoken_2"] / t["llmfast_2"], 2),
+        load_average=round(os.getloadavg()[0], 2),
     )
     benchmark(ours.encode_batch, docs, num_threads=2)
 
@@ -157,12 +160,14 @@ def test_decode(benchmark, name, kind):
         llmfast_MBps=round(nbytes / t["llmfast"] / 1e6, 2),
         tiktoken_MBps=round(nbytes / t["tiktoken"] / 1e6, 2),
         speedup_vs_tiktoken=round(t["tiktoken"] / t["llmfast"], 2),
+        load_average=round(os.getloadavg()[0], 2),
     )
     benchmark(ours.decode, tokens)
 
 
 def main() -> None:
-    """Print the comparison table (CPU)."""
+    """Print the comparison table (CPU), with the machine's load average (other processes skew the figures)."""
+    print(f"CPU, {os.cpu_count()} cores, load average at start {os.getloadavg()[0]:.2f}")
     print(f"{'encoding':12} {'text':8} {'op':18} {'llmfast MB/s':>13} {'tiktoken MB/s':>14} {'ratio':>6}")
     for name in NAMES:
         ours, ref = pair(name)
@@ -189,6 +194,7 @@ def main() -> None:
             t = interleaved({"o": lambda: ours.decode(tokens), "r": lambda: ref.decode(tokens)}, 7)
             print(f"{name:12} {kind:8} {'decode':18} {nbytes / t['o'] / 1e6:13.1f} "
                   f"{nbytes / t['r'] / 1e6:14.1f} {t['r'] / t['o']:6.2f}")
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
