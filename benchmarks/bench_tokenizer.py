@@ -29,7 +29,7 @@ KINDS = ["english", "code", "cjk"]
 TEXT_BYTES = 400_000
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def text_of(kind: str) -> str:
     if kind == "english":
         path = CORPUS / "botchan_en.txt"
@@ -61,7 +61,7 @@ def text_of(kind: str) -> str:
     return "".join(out)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pair(name: str):
     tiktoken = pytest.importorskip("tiktoken")
     ours = get_encoding(name)
@@ -165,35 +165,40 @@ def test_decode(benchmark, name, kind):
     benchmark(ours.decode, tokens)
 
 
+def _print_rows(name: str, kind: str) -> None:
+    ours, ref = pair(name)
+    text = text_of(kind)
+    nbytes = len(text.encode("utf-8"))
+
+    def row(op: str, ours_s: float, ref_s: float, note: str = "") -> None:
+        print(f"{name:12} {kind:8} {op:18} {nbytes / ours_s / 1e6:13.1f} {nbytes / ref_s / 1e6:14.1f} "
+              f"{ref_s / ours_s:6.2f}{note}")
+
+    t = interleaved({"o": lambda: ours.encode_ordinary(text), "r": lambda: ref.encode_ordinary(text)}, 7)
+    row("encode_ordinary", t["o"], t["r"])
+    docs = _documents(text)
+    t = interleaved(
+        {
+            "o1": lambda: ours.encode_batch(docs, num_threads=1),
+            "o2": lambda: ours.encode_batch(docs, num_threads=2),
+            "r2": lambda: ref.encode_batch(docs, num_threads=2),
+        },
+        5,
+        clock=time.perf_counter,
+    )
+    row("encode_batch x2", t["o2"], t["r2"], f"   (llmfast 2 vs 1 thread: {t['o1'] / t['o2']:.2f}x)")
+    tokens = ours.encode_ordinary(text)
+    t = interleaved({"o": lambda: ours.decode(tokens), "r": lambda: ref.decode(tokens)}, 7)
+    row("decode", t["o"], t["r"])
+
+
 def main() -> None:
     """Print the comparison table (CPU), with the machine's load average (other processes skew the figures)."""
     print(f"CPU, {os.cpu_count()} cores, load average at start {os.getloadavg()[0]:.2f}")
     print(f"{'encoding':12} {'text':8} {'op':18} {'llmfast MB/s':>13} {'tiktoken MB/s':>14} {'ratio':>6}")
     for name in NAMES:
-        ours, ref = pair(name)
         for kind in KINDS:
-            text = text_of(kind)
-            nbytes = len(text.encode("utf-8"))
-            t = interleaved({"o": lambda: ours.encode_ordinary(text), "r": lambda: ref.encode_ordinary(text)}, 7)
-            print(f"{name:12} {kind:8} {'encode_ordinary':18} {nbytes / t['o'] / 1e6:13.1f} "
-                  f"{nbytes / t['r'] / 1e6:14.1f} {t['r'] / t['o']:6.2f}")
-            docs = _documents(text)
-            t = interleaved(
-                {
-                    "o1": lambda: ours.encode_batch(docs, num_threads=1),
-                    "o2": lambda: ours.encode_batch(docs, num_threads=2),
-                    "r2": lambda: ref.encode_batch(docs, num_threads=2),
-                },
-                5,
-                clock=time.perf_counter,
-            )
-            print(f"{name:12} {kind:8} {'encode_batch x2':18} {nbytes / t['o2'] / 1e6:13.1f} "
-                  f"{nbytes / t['r2'] / 1e6:14.1f} {t['r2'] / t['o2']:6.2f}   (llmfast 2 vs 1 thread: "
-                  f"{t['o1'] / t['o2']:.2f}x)")
-            tokens = ours.encode_ordinary(text)
-            t = interleaved({"o": lambda: ours.decode(tokens), "r": lambda: ref.decode(tokens)}, 7)
-            print(f"{name:12} {kind:8} {'decode':18} {nbytes / t['o'] / 1e6:13.1f} "
-                  f"{nbytes / t['r'] / 1e6:14.1f} {t['r'] / t['o']:6.2f}")
+            _print_rows(name, kind)
     print(f"load average at end {os.getloadavg()[0]:.2f}")
 
 

@@ -90,7 +90,7 @@ def _reference_bpe(ranks: dict, piece: bytes) -> list:
 def _random_vocab(rng: random.Random, alphabet: bytes = b"abc ") -> dict:
     ranks = _byte_ranks(offset=rng.randrange(1000))
     words = {bytes(rng.choice(alphabet) for _ in range(rng.randrange(2, 7))) for _ in range(60)}
-    for rank, word in zip(rng.sample(range(0, 100), len(words)), sorted(words - set(ranks))):
+    for rank, word in zip(rng.sample(range(100), len(words)), sorted(words - set(ranks))):
         ranks[word] = rank
     return ranks
 
