@@ -300,9 +300,13 @@ class CoreBPE {
         // overlaps the encoding instead of following it, which is what lets a batch scale with threads.
         py::list out(n);
         bool any_bad = false;
+        size_t total_bytes = 0;
+        for (std::string_view v : views) total_bytes += v.size();
+        const size_t threads = std::max<size_t>(1, std::min(num_threads, n));
         {
             py::gil_scoped_release release;
-            llmfast::parallel_run(std::max<size_t>(1, std::min(num_threads, n)), [&](size_t thread) {
+            llmfast::parallel_run(threads, [&](size_t thread) {
+                encoder_->prepare(total_bytes / threads);
                 if (thread != 0) {
                     for (size_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) encode_one(i);
                     return;
@@ -322,7 +326,6 @@ class CoreBPE {
                                 PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(listed),
                                                 to_list(results[listed]).release().ptr());
                             }
-                            results[listed] = llmfast::TokenBuffer();
                         }
                     } else if (!all_claimed) {
                         const size_t i = next.fetch_add(1, std::memory_order_relaxed);

@@ -140,7 +140,7 @@ void Encoder::encode_segment(std::string_view segment, TokenBuffer& out, PieceCa
 void Encoder::encode(std::string_view text, const uint8_t* allowed_mask, TokenBuffer& out) const {
     if (!has_native_pattern()) throw std::logic_error("this encoding's pattern has no native pre-tokenizer");
     PieceCache& cache = bpe_.piece_cache();
-    if (text.size() >= BytePairEncoder::kWarmText) bpe_.warm(cache);
+    prepare(text.size());
     size_t start = 0;
     for (;;) {
         size_t pos = 0, index = 0;
@@ -156,8 +156,12 @@ void Encoder::encode(std::string_view text, const uint8_t* allowed_mask, TokenBu
 void Encoder::encode_ordinary(std::string_view text, TokenBuffer& out) const {
     if (!has_native_pattern()) throw std::logic_error("this encoding's pattern has no native pre-tokenizer");
     PieceCache& cache = bpe_.piece_cache();
-    if (text.size() >= BytePairEncoder::kWarmText) bpe_.warm(cache);
+    prepare(text.size());
     if (!text.empty()) encode_segment(text, out, cache);
+}
+
+void Encoder::prepare(size_t text_bytes) const {
+    if (text_bytes >= BytePairEncoder::kWarmText) bpe_.warm(bpe_.piece_cache());
 }
 
 void Encoder::encode_pieces(const std::vector<std::string_view>& pieces, TokenBuffer& out) const {

@@ -36,6 +36,9 @@ class Encoder {
     // native pattern.
     void encode(std::string_view text, const uint8_t* allowed_mask, TokenBuffer& out) const;
     void encode_ordinary(std::string_view text, TokenBuffer& out) const;
+    // Readies this thread's piece cache and the cut filters for about `text_bytes` of text (see
+    // BytePairEncoder::warm()); encode() and encode_ordinary() do it for their own text.
+    void prepare(size_t text_bytes) const;
     // Byte-pair encodes each already split piece.
     void encode_pieces(const std::vector<std::string_view>& pieces, TokenBuffer& out) const;
 
