@@ -267,6 +267,22 @@ void BytePairEncoder::build(const std::vector<std::pair<std::string, Rank>>& mer
         if (len >= 5) set_bit(ngrams_, ngram_slot(bytes_at(len - 5, 5), 5));
         for (size_t j = 0; j + 6 <= len; ++j) set_bit(ngrams_, ngram_slot(bytes_at(j, 6), 6));
     }
+    {
+        std::vector<std::pair<uint32_t, Rank>> threes;
+        for (const auto& [bytes, rank] : mergeable) {
+            const auto* t = reinterpret_cast<const uint8_t*>(bytes.data());
+            if (bytes.size() == 3 && t[0] >= 0x80) threes.emplace_back(t[0] | t[1] << 8 | t[2] << 16, rank);
+        }
+        unsigned bits = 4;
+        while ((size_t(1) << bits) < 2 * threes.size()) ++bits;
+        three_byte_.assign(size_t(1) << bits, UINT64_MAX);
+        three_byte_shift_ = 32 - bits;
+        for (const auto& [key, rank] : threes) {
+            size_t i = (key * 0x9E3779B1u) >> three_byte_shift_;
+            while (three_byte_[i] != UINT64_MAX) i = (i + 1) & (three_byte_.size() - 1);
+            three_byte_[i] = uint64_t(key) << 32 | rank;
+        }
+    }
     // A token whose bytes alone merge into something else (possible in a hand-made vocabulary: "abc" with neither
     // "ab" nor "bc") is found by the whole-piece lookup only when it is a whole piece, so a chunk of its bytes must
     // not be encoded like a piece.
@@ -308,7 +324,10 @@ void stream_in(const void* data, size_t size) {
 
 void BytePairEncoder::warm(const PieceCache& cache) const {
     stream_in(cache.memory().data(), cache.memory().size());
-    if (self_merging_) stream_in(ngrams_.data(), ngrams_.size() * sizeof(uint64_t));
+    if (self_merging_) {
+        stream_in(ngrams_.data(), ngrams_.size() * sizeof(uint64_t));
+        stream_in(three_byte_.data(), three_byte_.size() * sizeof(uint64_t));
+    }
     long_ranks_.stream_in();
 }
 
@@ -325,6 +344,14 @@ Rank* BytePairEncoder::encode_chunk(std::string_view chunk, Rank* w, PieceCache&
     if (chunk.size() == 1) {
         *w = byte_ranks_[static_cast<uint8_t>(chunk[0])];
         return w + 1;
+    }
+    if (chunk.size() == 3) {  // a single CJK character, usually a token (then its own, the vocabulary being self-merging)
+        const auto* c = reinterpret_cast<const uint8_t*>(chunk.data());
+        const Rank rank = c[0] >= 0x80 ? three_byte_rank(c[0] | c[1] << 8 | c[2] << 16) : kNoRank;
+        if (rank != kNoRank) {
+            *w = rank;
+            return w + 1;
+        }
     }
     if (chunk.size() <= kShortPiece) {
         const PieceCache::Key key = PieceCache::key_of(chunk.data(), chunk.size());

@@ -344,6 +344,14 @@ class BytePairEncoder {
         return static_cast<size_t>(((bytes | uint64_t(len) << 56) * 0x9E3779B97F4A7C15ull) >> (64 - ngram_bits_));
     }
     bool test_ngram(uint64_t bytes, unsigned len) const { return test_bit(ngrams_, ngram_slot(bytes, len)); }
+    // Rank of the three-byte token (key: the bytes little-endian) starting with a non-ASCII byte, or kNoRank.
+    Rank three_byte_rank(uint32_t key) const {
+        for (size_t i = (key * 0x9E3779B1u) >> three_byte_shift_;; i = (i + 1) & (three_byte_.size() - 1)) {
+            const uint64_t slot = three_byte_[i];
+            if (slot >> 32 == key) return static_cast<Rank>(slot);
+            if (slot == UINT64_MAX) return kNoRank;
+        }
+    }
     static bool test_bit(const std::vector<uint64_t>& bits, size_t i) { return bits[i >> 6] >> (i & 63) & 1; }
 
     BytesRankMap ranks_;
@@ -363,6 +371,10 @@ class BytePairEncoder {
     // inside one.
     std::vector<uint64_t> starts2_, ngrams_;
     unsigned ngram_bits_ = 16;
+    // The three-byte tokens that start with a non-ASCII byte (a CJK character, mostly), (bytes << 32 | rank) by open
+    // addressing: most chunks of a CJK run are one such character, found here in one probe of a small table.
+    std::vector<uint64_t> three_byte_;
+    unsigned three_byte_shift_ = 32;
     // Every token's own bytes merge into that token (true of tiktoken's vocabularies). Then a chunk of a piece encodes
     // like a piece of the same bytes, so chunks can share the piece cache.
     bool self_merging_ = false;
