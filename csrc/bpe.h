@@ -214,6 +214,7 @@ class PieceCache {
         }
         return nullptr;
     }
+    // The entries' memory, for BytePairEncoder::warm().
     std::string_view memory() const { return {reinterpret_cast<const char*>(sets_.get()), kSets * sizeof(Set)}; }
     // Caches the tokens of a piece (count <= capacity()), as the most recent entry of its set.
     void insert(const Key& k, const Rank* tokens, size_t count) {
