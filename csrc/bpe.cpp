@@ -358,7 +358,7 @@ Rank* BytePairEncoder::encode_chunk(std::string_view chunk, Rank* w, PieceCache&
         if (Rank* end = cache.find(key, w)) return end;
         return encode_short_uncached(chunk, key, w, cache, false);
     }
-    return cut_further ? merge_chunked(chunk, w, cache) : merge_long(chunk, w);
+    return cut_further && chunk.size() <= kTrieCutPiece ? merge_chunked(chunk, w, cache) : merge_long(chunk, w);
 }
 
 // Cuts the piece where may_span() rules out a token across the cut and encodes each chunk on its own: a merge always
@@ -387,7 +387,10 @@ Rank* BytePairEncoder::merge_cut(std::string_view piece, Rank* w, PieceCache& ca
         w = encode_chunk(piece.substr(start, k - start), w, cache, true);
         start = k;
     }
-    if (start == 0) return n <= kShortPiece ? merge_short(piece, w) : merge_chunked(piece, w, cache);
+    if (start == 0) {
+        if (n <= kShortPiece) return merge_short(piece, w);
+        return n <= kTrieCutPiece ? merge_chunked(piece, w, cache) : merge_long(piece, w);
+    }
     return encode_chunk(piece.substr(start), w, cache, true);
 }
 

@@ -265,8 +265,10 @@ class BytePairEncoder {
     // piece cache and, on a miss, the simple quadratic scan (tiny constants). Pieces that merge_cut() can cut where no
     // merge can cross (CJK runs, mostly) are encoded chunk by chunk, short chunks through the cache; what no cut
     // splits is merged whole, by the scan up to kShortPiece bytes and beyond by a heap over a linked list of parts,
-    // O(n log n).
+    // O(n log n). Chunks up to kTrieCutPiece bytes are first cut exactly with the trie (merge_chunked), whose walk
+    // from every byte costs up to the longest token's length: beyond that, straight to the heap.
     static constexpr size_t kShortPiece = PieceCache::kMaxBytes;
+    static constexpr size_t kTrieCutPiece = 1024;
 
     BytePairEncoder() = default;
     // Throws std::invalid_argument on duplicate ranks, a missing single byte, or a byte string too large to index.
