@@ -342,9 +342,13 @@ class BytePairEncoder {
                test_ngram(window & 0xFFFFFFFF, 4) | test_ngram(window & 0xFFFFFFFFFF, 5) |
                test_ngram(window & 0xFFFFFFFFFFFF, 6);
     }
-    // Bit of the hashed n-gram set for `len` bytes (little-endian in `bytes`); the length tells the four sets apart.
+    // Bit of the hashed n-gram set for `len` (3 to 6) bytes, little-endian in `bytes`. Each length has its own odd
+    // multiplier, which tells the four sets apart without tagging the key (the length being a constant at every call,
+    // a test is a mask, a multiply and a shift).
     size_t ngram_slot(uint64_t bytes, unsigned len) const {
-        return static_cast<size_t>(((bytes | uint64_t(len) << 56) * 0x9E3779B97F4A7C15ull) >> (64 - ngram_bits_));
+        static constexpr uint64_t kMultiplier[4] = {0x9E3779B97F4A7C15ull, 0xC2B2AE3D27D4EB4Full,
+                                                    0x165667B19E3779F9ull, 0xD6E8FEB86659FD93ull};
+        return static_cast<size_t>((bytes * kMultiplier[len - 3]) >> (64 - ngram_bits_));
     }
     bool test_ngram(uint64_t bytes, unsigned len) const { return test_bit(ngrams_, ngram_slot(bytes, len)); }
     // Rank of the three-byte token (key: the bytes little-endian) starting with a non-ASCII byte, or kNoRank.
