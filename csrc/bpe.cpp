@@ -384,7 +384,13 @@ Rank* BytePairEncoder::merge_cut(std::string_view piece, Rank* w, PieceCache& ca
             span = may_span(p, n, k);
         }
         if (span) continue;
-        w = encode_chunk(piece.substr(start, k - start), w, cache, true);
+        // Most chunks of a CJK run are one character and a token: found here without the call.
+        Rank rank;
+        if (k - start == 3 && p[start] >= 0x80 &&
+            (rank = three_byte_rank(p[start] | p[start + 1] << 8 | p[start + 2] << 16)) != kNoRank)
+            *w++ = rank;
+        else
+            w = encode_chunk(piece.substr(start, k - start), w, cache, true);
         start = k;
     }
     if (start == 0) {
