@@ -55,6 +55,23 @@ std::string_view utf8_of(py::handle obj, const char* arg, py::object& holder) {
     return {data, static_cast<size_t>(size)};
 }
 
+// The UTF-8 views of a list of str (each item through utf8_of); `holders` keeps any repaired strings alive and
+// must outlive the views. `arg` names the list in the TypeError for anything that is not a sequence.
+std::vector<std::string_view> utf8_views(py::handle list, const char* arg, std::vector<py::object>& holders) {
+    py::object seq = py::reinterpret_steal<py::object>(PySequence_Fast(list.ptr(), ""));
+    if (!seq) {
+        PyErr_Clear();
+        throw py::type_error(std::string(arg) + " must be a list of str, got " + type_name(list));
+    }
+    const size_t n = static_cast<size_t>(PySequence_Fast_GET_SIZE(seq.ptr()));
+    PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
+    const std::string item_arg = std::string(arg) + " items";
+    holders.assign(n, py::object());
+    std::vector<std::string_view> views(n);
+    for (size_t i = 0; i < n; ++i) views[i] = utf8_of(items[i], item_arg.c_str(), holders[i]);
+    return views;
+}
+
 std::string_view bytes_of(py::handle obj, const char* arg) {
     if (PyBytes_Check(obj.ptr())) return {PyBytes_AS_STRING(obj.ptr()), static_cast<size_t>(PyBytes_GET_SIZE(obj.ptr()))};
     if (PyByteArray_Check(obj.ptr()))
@@ -268,16 +285,9 @@ class CoreBPE {
     py::list encode_batch(py::handle texts, const py::object& allowed, const py::object& disallowed,
                           size_t num_threads) const {
         require_native();
-        py::object seq = py::reinterpret_steal<py::object>(PySequence_Fast(texts.ptr(), ""));
-        if (!seq) {
-            PyErr_Clear();
-            throw py::type_error("text must be a list of str, got " + type_name(texts));
-        }
-        const size_t n = static_cast<size_t>(PySequence_Fast_GET_SIZE(seq.ptr()));
-        PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
-        std::vector<py::object> holders(n);
-        std::vector<std::string_view> views(n);
-        for (size_t i = 0; i < n; ++i) views[i] = utf8_of(items[i], "text items", holders[i]);
+        std::vector<py::object> holders;
+        const std::vector<std::string_view> views = utf8_views(texts, "text", holders);
+        const size_t n = views.size();
         const uint8_t* allow = mask_of(allowed, "allowed_mask");
         const uint8_t* forbid = mask_of(disallowed, "disallowed_mask");
         std::vector<llmfast::TokenBuffer> results(n);
@@ -528,16 +538,8 @@ PYBIND11_MODULE(_C, m) {
              py::arg("text"), py::arg("mask"), "Raise tiktoken's ValueError if a special in mask occurs in text.")
         .def("encode_pieces",
              [](const CoreBPE& c, py::handle pieces) {
-                 py::object seq = py::reinterpret_steal<py::object>(PySequence_Fast(pieces.ptr(), ""));
-                 if (!seq) {
-                     PyErr_Clear();
-                     throw py::type_error("pieces must be a list of str, got " + type_name(pieces));
-                 }
-                 const size_t n = static_cast<size_t>(PySequence_Fast_GET_SIZE(seq.ptr()));
-                 PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
-                 std::vector<py::object> holders(n);
-                 std::vector<std::string_view> views(n);
-                 for (size_t i = 0; i < n; ++i) views[i] = utf8_of(items[i], "pieces items", holders[i]);
+                 std::vector<py::object> holders;
+                 const std::vector<std::string_view> views = utf8_views(pieces, "pieces", holders);
                  llmfast::TokenBuffer out;
                  {
                      py::gil_scoped_release release;
