@@ -121,9 +121,10 @@ PieceCache& PieceCache::for_thread(uint64_t owner, bool narrow) {
         }
         if (!victim || !cache || (*victim && cache->last_use_ < (*victim)->last_use_)) victim = &cache;
     }
-    if (*victim)
+    if (*victim) {
         std::fill_n((*victim)->sets_.get(), kSets, Set{});
-    else
+        (*victim)->pair_memo_ = empty_pair_memo();
+    } else
         *victim = std::make_unique<PieceCache>();
     (*victim)->owner_ = owner;
     (*victim)->last_use_ = now;
@@ -241,6 +242,7 @@ void BytePairEncoder::build(const std::vector<std::pair<std::string, Rank>>& mer
     }
     ranks_ = std::move(map);
     max_rank_ = max_rank;
+    memo_pairs_ = max_rank < (Rank(1) << 20) - 1;
 
     // may_span()'s bit sets; the hashed one gets about four bits per entry (so few collisions) up to 1 MiB.
     size_t ngram_count = 0;
@@ -291,7 +293,7 @@ void BytePairEncoder::build(const std::vector<std::pair<std::string, Rank>>& mer
     for (const auto& [bytes, rank] : mergeable) {
         if (bytes.size() < 2) continue;
         merged.resize(bytes.size() + TokenBuffer::kSlack);
-        const Rank* end = bytes.size() <= kShortPiece ? merge_short(bytes, merged.data()) : merge_long(bytes, merged.data());
+        const Rank* end = bytes.size() <= kShortPiece ? merge_short(bytes, merged.data(), nullptr) : merge_long(bytes, merged.data());
         if (end != merged.data() + 1 || merged[0] != rank) {
             self_merging_ = false;
             break;
@@ -310,7 +312,7 @@ Rank* BytePairEncoder::encode_short_uncached(std::string_view piece, const Piece
     } else if (may_cut && self_merging_) {
         end = merge_cut(piece, w, cache);
     } else {
-        end = merge_short(piece, w);
+        end = merge_short(piece, w, &cache);
     }
     const size_t count = static_cast<size_t>(end - w);
     if (count <= cache.capacity()) cache.insert(key, w, count);
@@ -394,7 +396,7 @@ Rank* BytePairEncoder::merge_cut(std::string_view piece, Rank* w, PieceCache& ca
         start = k;
     }
     if (start == 0) {
-        if (n <= kShortPiece) return merge_short(piece, w);
+        if (n <= kShortPiece) return merge_short(piece, w, &cache);
         return n <= kTrieCutPiece ? merge_chunked(piece, w, cache) : merge_long(piece, w);
     }
     return encode_chunk(piece.substr(start), w, cache, true);
@@ -444,7 +446,7 @@ Rank* BytePairEncoder::merge_chunked(std::string_view piece, Rank* w, PieceCache
 // the lowest pair (leftmost on ties), joins it, and refreshes only the two pairs that touch the joined part.
 // Quadratic in the piece, so only for short pieces, where it beats a heap: the pair array has a fixed width padded
 // with kNoRank, so the minimum is a branch-free pass of constant length, and parts shift with plain moves.
-Rank* BytePairEncoder::merge_short(std::string_view piece, Rank* w) const {
+Rank* BytePairEncoder::merge_short(std::string_view piece, Rank* w, PieceCache* memo) const {
     const size_t n = piece.size();
     Rank pair[kShortPiece];
     Rank token[kShortPiece];
@@ -466,8 +468,8 @@ Rank* BytePairEncoder::merge_short(std::string_view piece, Rank* w) const {
             pair[i] = pair[i + 1];
         }
         --parts;
-        pair[bi] = bi + 1 < parts ? pairs_.find(best, token[bi + 1]) : kNoRank;
-        if (bi > 0) pair[bi - 1] = pairs_.find(token[bi - 1], best);
+        pair[bi] = bi + 1 < parts ? pair_rank(best, token[bi + 1], memo) : kNoRank;
+        if (bi > 0) pair[bi - 1] = pair_rank(token[bi - 1], best, memo);
     }
     std::memcpy(w, token, parts * sizeof(Rank));
     return w + parts;
@@ -553,16 +555,34 @@ void PairRankMap::build(const std::vector<std::pair<uint64_t, Rank>>& entries) {
     size_t capacity = 16;
     int bits = 4;
     while (capacity < entries.size() * 2 + 2) capacity <<= 1, ++bits;
-    std::vector<Slot> slots(capacity);
     const size_t mask = capacity - 1;
     const int shift = 64 - bits;
+    bool packable = true;
     for (const auto& [key, rank] : entries) {
-        size_t i = static_cast<size_t>((key * 0x9E3779B97F4A7C15ull) >> shift);
-        while (slots[i].key != kEmptyKey && slots[i].key != key) i = (i + 1) & mask;
-        slots[i].key = key;
-        slots[i].rank = rank;
+        const uint64_t left = key >> 32, right = key & 0xFFFFFFFFu;
+        if ((left | right) >> kPackedBits || rank >= (Rank(1) << (64 - 2 * kPackedBits)) - 1) packable = false;
     }
-    slots_ = std::move(slots);
+    if (packable) {
+        std::vector<uint64_t> packed(capacity, kEmptyKey);
+        for (const auto& [key, rank] : entries) {
+            const uint64_t k = (key >> 32) << kPackedBits | (key & 0xFFFFFFFFu);
+            size_t i = static_cast<size_t>((k * 0x9E3779B97F4A7C15ull) >> shift);
+            while (packed[i] != kEmptyKey && (packed[i] & kPackedKeyMask) != k) i = (i + 1) & mask;
+            packed[i] = k | static_cast<uint64_t>(rank) << (2 * kPackedBits);
+        }
+        packed_ = std::move(packed);
+        slots_.clear();
+    } else {
+        std::vector<Slot> slots(capacity);
+        for (const auto& [key, rank] : entries) {
+            size_t i = static_cast<size_t>((key * 0x9E3779B97F4A7C15ull) >> shift);
+            while (slots[i].key != kEmptyKey && slots[i].key != key) i = (i + 1) & mask;
+            slots[i].key = key;
+            slots[i].rank = rank;
+        }
+        slots_ = std::move(slots);
+        packed_.clear();
+    }
     mask_ = mask;
     shift_ = shift;
 }

@@ -1,3 +1,4 @@
+#include <cstring>
 #include "encoder.h"
 
 #include <algorithm>
@@ -48,6 +49,9 @@ Encoder::Encoder(const std::vector<std::pair<std::string, Rank>>& mergeable,
     for (size_t i = 0; i < specials_.size(); ++i) views.emplace_back(specials_[i].first, static_cast<Rank>(i));
     if (!special_index_.build(views)) throw std::invalid_argument("duplicate special token");
     std::sort(special_lengths_.begin(), special_lengths_.end(), std::greater<size_t>());
+    only_first_byte_ = specials_.empty() ? -1 : static_cast<uint8_t>(specials_[0].first[0]);
+    for (const auto& special : specials_)
+        if (static_cast<uint8_t>(special.first[0]) != only_first_byte_) only_first_byte_ = -1;
     special_lengths_.erase(std::unique(special_lengths_.begin(), special_lengths_.end()), special_lengths_.end());
 
     // Decoder over mergeable tokens, then specials (a mergeable token keeps its rank if a special reuses it, as in
@@ -108,7 +112,13 @@ bool Encoder::find_special(std::string_view text, size_t from, const uint8_t* ma
     const char* data = text.data();
     const size_t n = text.size();
     for (size_t i = from; i < n; ++i) {
-        if (!special_first_byte_[static_cast<uint8_t>(data[i])]) continue;
+        if (only_first_byte_ >= 0) {  // memchr skips to the candidates many bytes at a time
+            const void* hit = std::memchr(data + i, only_first_byte_, n - i);
+            if (!hit) return false;
+            i = static_cast<size_t>(static_cast<const char*>(hit) - data);
+        } else if (!special_first_byte_[static_cast<uint8_t>(data[i])]) {
+            continue;
+        }
         for (size_t len : special_lengths_) {
             if (len > n - i) continue;
             const Rank idx = special_index_.find(data + i, len);

@@ -63,6 +63,7 @@ class Encoder {
     std::vector<std::pair<std::string, Rank>> specials_;
     BytesRankMap special_index_;  // special bytes -> index into specials_
     bool special_first_byte_[256] = {};
+    int only_first_byte_ = -1;  // the first byte of every special when they share one ("<" in tiktoken's), else -1
     std::vector<size_t> special_lengths_;  // distinct lengths, longest first
     int pattern_kind_ = -1;
     Rank max_token_value_ = 0;

@@ -313,3 +313,38 @@ def test_constructor_validation():
     del missing[b"\xff"]
     with pytest.raises(ValueError, match="single-byte"):
         Encoding("x", pat_str=r"\S+", mergeable_ranks=missing, special_tokens={})
+
+
+def test_ranks_beyond_2_to_the_20_take_the_wide_tables():
+    # Ranks spread past 2^20 (order kept, so the same merges win) switch off the packed pair table, the pair memo and
+    # the narrow piece cache: the tokens must be the same ones, renumbered.
+    ours, _ = encodings("cl100k_base")
+    spread = {tok: (1 << 21) + 3 * rank for tok, rank in ours.mergeable_ranks.items()}
+    wide = Encoding("spread", pat_str=ours.pat_str, mergeable_ranks=spread, special_tokens={"<|endoftext|>": 1 << 23})
+    import pydoc_data.topics
+
+    text = "\n".join(list(pydoc_data.topics.topics.values())[:40]) + " 日本語のテキスト、漢字とかな。" * 20
+    expected = [(1 << 21) + 3 * t for t in ours.encode_ordinary(text)]
+    assert wide.encode_ordinary(text) == expected
+    assert wide.encode_ordinary(text) == expected  # again, from the piece cache
+    assert wide.decode(expected) == text
+    assert wide.encode("x<|endoftext|>y", allowed_special="all")[1] == 1 << 23
+
+
+@pytest.mark.parametrize(
+    "specials",
+    [
+        {"<|a|>": 300, "[SEP]": 301, "\u00a7end": 302},  # different first bytes: the byte-table scan
+        {"##x": 300, "##yy": 301},  # one shared first byte that is not "<": the memchr scan
+    ],
+)
+def test_special_token_scan_with_any_first_bytes(specials):
+    ranks = {bytes([b]): b for b in range(256)}
+    ours = Encoding("toy", pat_str=encodings("cl100k_base")[0].pat_str, mergeable_ranks=ranks, special_tokens=specials)
+    ref = tiktoken.Encoding("toy", pat_str=ours.pat_str, mergeable_ranks=ranks, special_tokens=specials)
+    names = list(specials)
+    texts = ["plain text", f"a{names[0]}b{names[1]}c", f"{names[-1]}{names[-1]}", f"#{names[0][:-1]} < [ §", names[1]]
+    for text in texts:
+        assert ours.encode(text, allowed_special="all") == ref.encode(text, allowed_special="all")
+        assert _outcome(lambda: ours.encode(text)) == _outcome(lambda: ref.encode(text))
+        assert ours.encode_batch([text, text], allowed_special="all") == ref.encode_batch([text] * 2, allowed_special="all")
