@@ -134,11 +134,17 @@ bool Encoder::find_special(std::string_view text, size_t from, const uint8_t* ma
 
 void Encoder::encode_segment(std::string_view segment, TokenBuffer& out, PieceCache& cache) const {
 #if LLMFAST_HAVE_PRETOKENIZE
-    // Pieces are merged as the scanner finds them: no piece list in between.
+    // Pieces are merged as the scanner finds them, one piece behind it: no piece list in between, and the cache set
+    // of each piece is fetched while the previous one is merged.
     const char* base = segment.data();
+    std::string_view pending;
     for_each_piece(static_cast<PatternKind>(pattern_kind_), segment, [&](size_t begin, size_t end) {
-        bpe_.encode_piece(std::string_view(base + begin, end - begin), out, cache);
+        const std::string_view piece(base + begin, end - begin);
+        bpe_.prefetch_piece(piece, cache);
+        if (!pending.empty()) bpe_.encode_piece(pending, out, cache);
+        pending = piece;
     });
+    if (!pending.empty()) bpe_.encode_piece(pending, out, cache);
 #else
     (void)segment;
     (void)out;
