@@ -119,21 +119,32 @@ def first_pass(name: str, text: str, rounds: int, slice_chars: int = 20_000) -> 
     ours, ref = pair(name)
     slices = [text[i : i + slice_chars] for i in range(0, len(text), slice_chars)]
     times: dict[str, list[float]] = {"llmfast": [], "tiktoken": []}
+    tokens: dict[str, list[list[int]]] = {}
     for r in range(rounds):
         fresh = type(ours)(f"{name}-first-pass-{r}", pat_str=ours.pat_str, mergeable_ranks=ours.mergeable_ranks,
                            special_tokens=ours.special_tokens)
         fresh.encode_ordinary("warm up")  # native state other than the piece cache
         for key, enc in (("llmfast", fresh), ("tiktoken", ref)):
             start = time.thread_time()
-            for piece in slices:
-                enc.encode_ordinary(piece)
+            tokens[key] = [enc.encode_ordinary(piece) for piece in slices]
             times[key].append(time.thread_time() - start)
+    assert tokens["llmfast"] == tokens["tiktoken"]
     return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _sample(text: str, benchmark) -> str:
     # The CI smoke run (--benchmark-disable) only checks that everything runs: keep it to a few KB.
     return text[:20_000] if getattr(benchmark, "disabled", False) else text
+
+
+def _record_speed(benchmark, nbytes: int, seconds: dict[str, float]) -> None:
+    benchmark.extra_info.update(
+        bytes=nbytes,
+        llmfast_MBps=round(nbytes / seconds["llmfast"] / 1e6, 2),
+        tiktoken_MBps=round(nbytes / seconds["tiktoken"] / 1e6, 2),
+        speedup_vs_tiktoken=round(seconds["tiktoken"] / seconds["llmfast"], 2),
+        load_average=round(os.getloadavg()[0], 2),
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -145,13 +156,7 @@ def test_encode_ordinary(benchmark, name, kind):
     assert ours.encode_ordinary(text) == ref.encode_ordinary(text)
     t = interleaved({"llmfast": lambda: ours.encode_ordinary(text), "tiktoken": lambda: ref.encode_ordinary(text)},
                     _rounds(benchmark))
-    benchmark.extra_info.update(
-        bytes=nbytes,
-        llmfast_MBps=round(nbytes / t["llmfast"] / 1e6, 2),
-        tiktoken_MBps=round(nbytes / t["tiktoken"] / 1e6, 2),
-        speedup_vs_tiktoken=round(t["tiktoken"] / t["llmfast"], 2),
-        load_average=round(os.getloadavg()[0], 2),
-    )
+    _record_speed(benchmark, nbytes, t)
     benchmark(ours.encode_ordinary, text)
 
 
@@ -161,13 +166,7 @@ def test_encode_first_pass(benchmark, name, kind):
     text = _sample(corpus_of(kind), benchmark)
     nbytes = len(text.encode("utf-8"))
     t = first_pass(name, text, _rounds(benchmark, 3))
-    benchmark.extra_info.update(
-        bytes=nbytes,
-        llmfast_MBps=round(nbytes / t["llmfast"] / 1e6, 2),
-        tiktoken_MBps=round(nbytes / t["tiktoken"] / 1e6, 2),
-        speedup_vs_tiktoken=round(t["tiktoken"] / t["llmfast"], 2),
-        load_average=round(os.getloadavg()[0], 2),
-    )
+    _record_speed(benchmark, nbytes, t)
     ours, _ = pair(name)
     benchmark.pedantic(
         lambda enc: [enc.encode_ordinary(text[i : i + 20_000]) for i in range(0, len(text), 20_000)],
@@ -221,12 +220,7 @@ def test_decode(benchmark, name, kind):
     assert ours.decode(tokens) == ref.decode(tokens)
     t = interleaved({"llmfast": lambda: ours.decode(tokens), "tiktoken": lambda: ref.decode(tokens)},
                     _rounds(benchmark))
-    benchmark.extra_info.update(
-        llmfast_MBps=round(nbytes / t["llmfast"] / 1e6, 2),
-        tiktoken_MBps=round(nbytes / t["tiktoken"] / 1e6, 2),
-        speedup_vs_tiktoken=round(t["tiktoken"] / t["llmfast"], 2),
-        load_average=round(os.getloadavg()[0], 2),
-    )
+    _record_speed(benchmark, nbytes, t)
     benchmark(ours.decode, tokens)
 
 
