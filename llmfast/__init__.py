@@ -4,12 +4,41 @@ Public ops keep the signatures users know (torch's SDPA, flash-attn's ``flash_at
 backends: see :func:`llmfast.backend`. Modules live in :mod:`llmfast.nn`, the tokenizer in
 :mod:`llmfast.tokenizer`, the GPT in :mod:`llmfast.models.gpt`.
 """
-from llmfast._backend import backend, get_backend, kernel_launch_counts
-from llmfast.ops.attention import flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
-from llmfast.ops.cross_entropy import cross_entropy, fused_linear_cross_entropy
-from llmfast.ops.softmax import log_softmax, masked_softmax, softmax
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+# The ops import torch and Triton (seconds); the tokenizer needs neither. So the public names load on first use
+# (PEP 562), and `import llmfast.tokenizer` stays light.
+_LAZY = {
+    "backend": "llmfast._backend",
+    "get_backend": "llmfast._backend",
+    "kernel_launch_counts": "llmfast._backend",
+    "scaled_dot_product_attention": "llmfast.ops.attention",
+    "flash_attn_func": "llmfast.ops.attention",
+    "flash_attn_varlen_func": "llmfast.ops.attention",
+    "softmax": "llmfast.ops.softmax",
+    "log_softmax": "llmfast.ops.softmax",
+    "masked_softmax": "llmfast.ops.softmax",
+    "cross_entropy": "llmfast.ops.cross_entropy",
+    "fused_linear_cross_entropy": "llmfast.ops.cross_entropy",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'llmfast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "backend",

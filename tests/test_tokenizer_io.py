@@ -341,3 +341,16 @@ def test_training_bad_arguments():
         train_bpe(5, 300)
     with pytest.raises(ValueError, match="pat_str"):
         train_bpe("text", 300, pat_str="(")
+
+
+def test_tokenizer_import_does_not_load_torch():
+    # Tokenizer-only users should not pay for torch and Triton: llmfast's top-level ops load on first use.
+    import subprocess
+    import sys
+
+    code = "import sys, llmfast.tokenizer; print('torch' in sys.modules, 'triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
+    code = "import llmfast; f = llmfast.scaled_dot_product_attention; print(f.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "llmfast.ops.attention"
