@@ -76,7 +76,7 @@ bool BytesRankMap::build(const std::vector<std::pair<std::string_view, Rank>>& e
         throw std::invalid_argument("vocabulary is too large to index (over 4 GiB of token bytes or 2^30 tokens)");
     size_t capacity = 16;
     while (capacity < entries.size() * 2 + 2) capacity <<= 1;  // load factor <= 0.5 keeps probe chains short
-    std::vector<Slot> slots(capacity);
+    LargeTable<Slot> slots(capacity);
     std::string arena;
     arena.reserve(total);
     const size_t mask = capacity - 1;
@@ -122,7 +122,7 @@ PieceCache& PieceCache::for_thread(uint64_t owner, bool narrow) {
         if (!victim || !cache || (*victim && cache->last_use_ < (*victim)->last_use_)) victim = &cache;
     }
     if (*victim) {
-        std::fill_n((*victim)->sets_.get(), kSets, Set{});
+        std::fill_n((*victim)->sets_.data(), kSets, Set{});
         (*victim)->pair_memo_ = empty_pair_memo();
     } else
         *victim = std::make_unique<PieceCache>();
@@ -254,7 +254,7 @@ void BytePairEncoder::build(const std::vector<std::pair<std::string, Rank>>& mer
     while ((size_t(1) << ngram_bits_) < 4 * ngram_count && ngram_bits_ < 23) ++ngram_bits_;
     starts2_.assign(65536 / 64, 0);
     ngrams_.assign((size_t(1) << ngram_bits_) / 64, 0);
-    auto set_bit = [](std::vector<uint64_t>& bits, size_t i) { bits[i >> 6] |= uint64_t(1) << (i & 63); };
+    auto set_bit = [](auto& bits, size_t i) { bits[i >> 6] |= uint64_t(1) << (i & 63); };
     for (const auto& entry : mergeable) {
         const auto* t = reinterpret_cast<const uint8_t*>(entry.first.data());
         const size_t len = entry.first.size();
@@ -303,14 +303,14 @@ void BytePairEncoder::build(const std::vector<std::pair<std::string, Rank>>& mer
     id_ = ++builds;  // a fresh number: caches filled under any earlier vocabulary never match
 }
 
+// A short piece is merged whole, not cut into chunks first: its own cache entry serves it from now on, and entries
+// for its chunks as well would crowd the cache (measured: cutting 20k new words filled it to thrashing).
 Rank* BytePairEncoder::encode_short_uncached(std::string_view piece, const PieceCache::Key& key, Rank* w,
-                                             PieceCache& cache, bool may_cut) const {
+                                             PieceCache& cache) const {
     Rank* end;
     const Rank whole = ranks_.find(piece);
     if (whole != kNoRank) {
         *w = whole, end = w + 1;
-    } else if (may_cut && self_merging_) {
-        end = merge_cut(piece, w, cache);
     } else {
         end = merge_short(piece, w, &cache);
     }
@@ -358,7 +358,7 @@ Rank* BytePairEncoder::encode_chunk(std::string_view chunk, Rank* w, PieceCache&
     if (chunk.size() <= kShortPiece) {
         const PieceCache::Key key = PieceCache::key_of(chunk.data(), chunk.size());
         if (Rank* end = cache.find(key, w)) return end;
-        return encode_short_uncached(chunk, key, w, cache, false);
+        return encode_short_uncached(chunk, key, w, cache);
     }
     return cut_further && chunk.size() <= kTrieCutPiece ? merge_chunked(chunk, w, cache) : merge_long(chunk, w);
 }
@@ -455,6 +455,15 @@ Rank* BytePairEncoder::merge_short(std::string_view piece, Rank* w, PieceCache* 
     for (size_t i = 0; i < n; ++i) token[i] = byte_ranks_[p[i]];
     for (size_t i = 0; i + 1 < n; ++i) pair[i] = byte_pair_ranks_[(size_t(p[i]) << 8) | p[i + 1]];
     size_t parts = n;
+    // Each merge needs the merged part's pairs with its two neighbours, looked up in a table of megabytes: done one
+    // after the other, a piece new to the cache waits for one memory miss per merge. So the lookups that any pair
+    // could need once merged are prefetched as soon as the pair is known, and the misses overlap.
+    auto prefetch_after_merge_of = [&](size_t j) {
+        if (j + 1 >= parts || pair[j] == kNoRank) return;
+        if (j > 0) pairs_.prefetch(token[j - 1], pair[j]);
+        if (j + 2 < parts) pairs_.prefetch(pair[j], token[j + 2]);
+    };
+    for (size_t j = 0; j + 1 < n; ++j) prefetch_after_merge_of(j);
     for (;;) {
         Rank best = kNoRank;
         for (size_t i = 0; i < kShortPiece; ++i) best = pair[i] < best ? pair[i] : best;
@@ -470,6 +479,8 @@ Rank* BytePairEncoder::merge_short(std::string_view piece, Rank* w, PieceCache* 
         --parts;
         pair[bi] = bi + 1 < parts ? pair_rank(best, token[bi + 1], memo) : kNoRank;
         if (bi > 0) pair[bi - 1] = pair_rank(token[bi - 1], best, memo);
+        // New pairs, and the pairs next to them whose neighbour is now the merged part.
+        for (size_t j = bi >= 2 ? bi - 2 : 0; j <= bi + 1; ++j) prefetch_after_merge_of(j);
     }
     std::memcpy(w, token, parts * sizeof(Rank));
     return w + parts;
@@ -563,7 +574,7 @@ void PairRankMap::build(const std::vector<std::pair<uint64_t, Rank>>& entries) {
         if ((left | right) >> kPackedBits || rank >= (Rank(1) << (64 - 2 * kPackedBits)) - 1) packable = false;
     }
     if (packable) {
-        std::vector<uint64_t> packed(capacity, kEmptyKey);
+        LargeTable<uint64_t> packed(capacity, kEmptyKey);
         for (const auto& [key, rank] : entries) {
             const uint64_t k = (key >> 32) << kPackedBits | (key & 0xFFFFFFFFu);
             size_t i = static_cast<size_t>((k * 0x9E3779B97F4A7C15ull) >> shift);
@@ -573,7 +584,7 @@ void PairRankMap::build(const std::vector<std::pair<uint64_t, Rank>>& entries) {
         packed_ = std::move(packed);
         slots_.clear();
     } else {
-        std::vector<Slot> slots(capacity);
+        LargeTable<Slot> slots(capacity);
         for (const auto& [key, rank] : entries) {
             size_t i = static_cast<size_t>((key * 0x9E3779B97F4A7C15ull) >> shift);
             while (slots[i].key != kEmptyKey && slots[i].key != key) i = (i + 1) & mask;

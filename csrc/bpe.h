@@ -17,7 +17,46 @@
 #include <utility>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace llmfast {
+
+// Allocator for the big lookup tables (pair and rank tables, piece caches, filters: megabytes each, read at random).
+// Blocks of 2 MiB or more are 2 MiB-aligned and, on Linux, marked for transparent huge pages: one TLB entry then
+// covers 2 MiB instead of 4 KiB, and a random lookup no longer pays a page walk on top of its cache miss.
+template <class T>
+struct LargeTableAllocator {
+    using value_type = T;
+    static constexpr size_t kHugePage = size_t(1) << 21;
+    LargeTableAllocator() = default;
+    template <class U>
+    LargeTableAllocator(const LargeTableAllocator<U>&) noexcept {}
+    T* allocate(size_t n) {
+        const size_t bytes = n * sizeof(T);
+        if (bytes < kHugePage) return static_cast<T*>(::operator new(bytes));
+        const size_t rounded = (bytes + kHugePage - 1) & ~(kHugePage - 1);
+        void* p = std::aligned_alloc(kHugePage, rounded);
+        if (!p) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+        madvise(p, rounded, MADV_HUGEPAGE);  // advice only: without huge pages the table works the same
+#endif
+        return static_cast<T*>(p);
+    }
+    void deallocate(T* p, size_t n) noexcept {
+        if (n * sizeof(T) < kHugePage)
+            ::operator delete(p);
+        else
+            std::free(p);
+    }
+    template <class U>
+    bool operator==(const LargeTableAllocator<U>&) const noexcept { return true; }
+    template <class U>
+    bool operator!=(const LargeTableAllocator<U>&) const noexcept { return false; }
+};
+template <class T>
+using LargeTable = std::vector<T, LargeTableAllocator<T>>;
 
 using Rank = uint32_t;
 constexpr Rank kNoRank = UINT32_MAX;
@@ -63,7 +102,7 @@ class BytesRankMap {
         uint32_t offset = 0;
         Rank rank = kNoRank;
     };
-    std::vector<Slot> slots_;
+    LargeTable<Slot> slots_;
     std::string arena_;
     size_t mask_ = 0;
     size_t count_ = 0;
@@ -93,6 +132,16 @@ class PairRankMap {
             if (s.key == kEmptyKey) return kNoRank;
         }
     }
+    // Starts loading the slot where a lookup of (left, right) begins.
+    void prefetch(Rank left, Rank right) const {
+        if (!packed_.empty()) {
+            const uint64_t key = (static_cast<uint64_t>(left) << kPackedBits) | right;
+            __builtin_prefetch(&packed_[static_cast<size_t>((key * 0x9E3779B97F4A7C15ull) >> shift_) & mask_]);
+        } else {
+            const uint64_t key = (static_cast<uint64_t>(left) << 32) | right;
+            __builtin_prefetch(&slots_[static_cast<size_t>((key * 0x9E3779B97F4A7C15ull) >> shift_) & mask_]);
+        }
+    }
     size_t memory_bytes() const { return slots_.size() * sizeof(Slot) + packed_.size() * sizeof(uint64_t); }
 
    private:
@@ -106,8 +155,8 @@ class PairRankMap {
         uint64_t key = kEmptyKey;
         Rank rank = kNoRank;
     };
-    std::vector<Slot> slots_ = std::vector<Slot>(2);
-    std::vector<uint64_t> packed_;
+    LargeTable<Slot> slots_ = LargeTable<Slot>(2);
+    LargeTable<uint64_t> packed_;
     size_t mask_ = 1;
     int shift_ = 63;
 };
@@ -233,7 +282,7 @@ class PieceCache {
     // Starts loading the set a piece would occupy, so that a lookup issued a little later finds it in the L1.
     void prefetch(const Key& k) const { __builtin_prefetch(&sets_[k.set]); }
     // The entries' memory, for BytePairEncoder::warm().
-    std::string_view memory() const { return {reinterpret_cast<const char*>(sets_.get()), kSets * sizeof(Set)}; }
+    std::string_view memory() const { return {reinterpret_cast<const char*>(sets_.data()), kSets * sizeof(Set)}; }
     // Caches the tokens of a piece (count <= capacity()), as the most recent entry of its set.
     void insert(const Key& k, const Rank* tokens, size_t count) {
         Set& s = sets_[k.set];
@@ -279,7 +328,7 @@ class PieceCache {
         Entry entry[2];
     };
     static_assert(sizeof(Set) == 64, "a set must fill one cache line");
-    std::unique_ptr<Set[]> sets_ = std::make_unique<Set[]>(kSets);
+    LargeTable<Set> sets_ = LargeTable<Set>(kSets);
     std::unique_ptr<uint64_t[]> pair_memo_ = empty_pair_memo();
     static std::unique_ptr<uint64_t[]> empty_pair_memo() {
         std::unique_ptr<uint64_t[]> memo(new uint64_t[size_t(1) << kPairMemoBits]);
@@ -323,8 +372,8 @@ class BytePairEncoder {
             w = encode_long(piece, w, cache);
         out.set_end(w);
     }
-    // The scanner calls this one piece ahead of encode_piece(): the piece's cache set (megabytes of sets, mostly
-    // outside the core's own caches) then loads while the previous piece is encoded.
+    // The scanner calls this a few pieces ahead of encode_piece(): the piece's cache set (megabytes of sets, mostly
+    // outside the core's own caches) then loads while the pieces before it are encoded.
     void prefetch_piece(std::string_view piece, const PieceCache& cache) const {
         if (piece.size() >= 2 && piece.size() <= kShortPiece)
             cache.prefetch(PieceCache::key_of(piece.data(), piece.size()));
@@ -348,11 +397,9 @@ class BytePairEncoder {
     Rank* encode_short(std::string_view piece, Rank* w, PieceCache& cache) const {
         const PieceCache::Key key = PieceCache::key_of(piece.data(), piece.size());
         if (Rank* end = cache.find(key, w)) return end;
-        return encode_short_uncached(piece, key, w, cache, true);
+        return encode_short_uncached(piece, key, w, cache);
     }
-    // `may_cut`: false for a chunk that merge_cut() already cut as far as it can.
-    Rank* encode_short_uncached(std::string_view piece, const PieceCache::Key& key, Rank* w, PieceCache& cache,
-                                bool may_cut) const;
+    Rank* encode_short_uncached(std::string_view piece, const PieceCache::Key& key, Rank* w, PieceCache& cache) const;
     Rank* encode_long(std::string_view piece, Rank* w, PieceCache& cache) const;
     // One chunk of a cut piece (self-merging vocabularies only): a byte, a short chunk through the cache, or a long
     // one cut further (`cut_further`) or merged whole.
@@ -413,7 +460,8 @@ class BytePairEncoder {
             if (slot == UINT64_MAX) return kNoRank;
         }
     }
-    static bool test_bit(const std::vector<uint64_t>& bits, size_t i) { return bits[i >> 6] >> (i & 63) & 1; }
+    template <class Bits>
+    static bool test_bit(const Bits& bits, size_t i) { return bits[i >> 6] >> (i & 63) & 1; }
 
     BytesRankMap ranks_;
     BytesRankMap long_ranks_;  // the tokens longer than kShortPiece (a few thousand): a small table for long pieces
@@ -430,7 +478,8 @@ class BytePairEncoder {
     // Bit sets for may_span(): bit (a | b << 8) of starts2_ is set when a token of two or more bytes starts with a b;
     // ngrams_ hashes the first three, last four and last five bytes of each token and every six consecutive bytes
     // inside one.
-    std::vector<uint64_t> starts2_, ngrams_;
+    std::vector<uint64_t> starts2_;
+    LargeTable<uint64_t> ngrams_;
     unsigned ngram_bits_ = 16;
     // The three-byte tokens that start with a non-ASCII byte (a CJK character, mostly), (bytes << 32 | rank) by open
     // addressing: most chunks of a CJK run are one such character, found here in one probe of a small table.
