@@ -20,6 +20,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(_MSC_VER)
+#include <malloc.h>
+#endif
 
 namespace llmfast {
 
@@ -37,7 +40,11 @@ struct LargeTableAllocator {
         const size_t bytes = n * sizeof(T);
         if (bytes < kHugePage) return static_cast<T*>(::operator new(bytes));
         const size_t rounded = (bytes + kHugePage - 1) & ~(kHugePage - 1);
+#if defined(_MSC_VER)
+        void* p = _aligned_malloc(rounded, kHugePage);
+#else
         void* p = std::aligned_alloc(kHugePage, rounded);
+#endif
         if (!p) throw std::bad_alloc();
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
         madvise(p, rounded, MADV_HUGEPAGE);  // advice only: without huge pages the table works the same
@@ -48,7 +55,11 @@ struct LargeTableAllocator {
         if (n * sizeof(T) < kHugePage)
             ::operator delete(p);
         else
+#if defined(_MSC_VER)
+            _aligned_free(p);
+#else
             std::free(p);
+#endif
     }
     template <class U>
     bool operator==(const LargeTableAllocator<U>&) const noexcept { return true; }
