@@ -98,6 +98,10 @@ class BytesRankMap {
             if (s.tag == tag && s.len == size && std::memcmp(arena_.data() + s.offset, data, size) == 0) return s.rank;
         }
     }
+    // Starts loading the first slot a lookup of this key probes.
+    void prefetch(const char* data, size_t size) const {
+        if (!slots_.empty()) __builtin_prefetch(&slots_[static_cast<size_t>(hash_bytes(data, size)) & mask_]);
+    }
     size_t size() const { return count_; }
     size_t memory_bytes() const { return slots_.size() * sizeof(Slot) + arena_.size(); }
     void stream_in() const {
@@ -292,6 +296,12 @@ class PieceCache {
         }
         return nullptr;
     }
+    // Whether the piece is cached (its set should already be loaded: see prefetch()).
+    bool contains(const Key& k) const {
+        bool found = false;
+        for (const Entry& e : sets_[k.set].entry) found |= e.a == k.a && e.b == k.b && (e.lo & 0x1F) == k.len;
+        return found;
+    }
     // Starts loading the set a piece would occupy, so that a lookup issued a little later finds it in the L1.
     void prefetch(const Key& k) const {
         const char* set = reinterpret_cast<const char*>(&sets_[k.set]);
@@ -388,12 +398,17 @@ class BytePairEncoder {
             w = encode_long(piece, w, cache);
         out.set_end(w);
     }
-    // The scanner calls this a few pieces ahead of encode_piece(): the piece's cache set (megabytes of sets, mostly
-    // outside the core's own caches) then loads while the pieces before it are encoded.
-    void prefetch_piece(std::string_view piece, const PieceCache& cache) const {
-        if (piece.size() >= 2 && piece.size() <= kShortPiece)
-            cache.prefetch(PieceCache::key_of(piece.data(), piece.size()));
+    // encode_piece() for a short piece (2 to kShortPiece bytes) whose cache key is already known.
+    void encode_short_piece(std::string_view piece, const PieceCache::Key& key, TokenBuffer& out,
+                            PieceCache& cache) const {
+        Rank* w = out.room(piece.size());
+        if (Rank* end = cache.find(key, w))
+            out.set_end(end);
+        else
+            out.set_end(encode_short_uncached(piece, key, w, cache));
     }
+    // Starts loading the slot where a short piece new to the cache is looked up whole.
+    void prefetch_whole_piece(std::string_view piece) const { ranks_.prefetch(piece.data(), piece.size()); }
     PieceCache& piece_cache() const { return PieceCache::for_thread(id_, max_rank_ < PieceCache::kNarrowRanks); }
     // Before a long text: reads the piece cache and the cut filters front to back. Work done since the last call
     // (in Python, in another library) has usually pushed them out of the CPU caches, and streaming a megabyte in is

@@ -134,21 +134,42 @@ bool Encoder::find_special(std::string_view text, size_t from, const uint8_t* ma
 
 void Encoder::encode_segment(std::string_view segment, TokenBuffer& out, PieceCache& cache) const {
 #if LLMFAST_HAVE_PRETOKENIZE
-    // Pieces are merged as the scanner finds them, kLag pieces behind it: no piece list in between, and the cache
-    // set of each piece (megabytes of sets, often outside the core's caches) loads while the pieces before it are
-    // merged. A hit takes a few tens of nanoseconds, a miss to memory about a hundred: hence a few pieces of lag.
-    constexpr size_t kLag = 4;
+    // Pieces are merged as the scanner finds them, kLag pieces behind it: no piece list in between, and the memory
+    // each piece needs loads while the pieces before it are merged. A short piece's cache set is prefetched when the
+    // scanner finds it; kProbe pieces later the set is checked, and a piece that will miss gets the slot of its
+    // whole-piece lookup prefetched too. (A cached piece takes a few tens of nanoseconds, a miss to memory about a
+    // hundred: hence a few pieces of lag.)
+    constexpr size_t kLag = 4, kProbe = 2;
+    struct Pending {
+        std::string_view piece;
+        PieceCache::Key key;
+        bool short_piece;
+    };
     const char* base = segment.data();
-    std::string_view pending[kLag];
+    Pending pending[kLag];
     size_t found = 0;
+    auto encode_pending = [&](const Pending& p) {
+        if (p.short_piece)
+            bpe_.encode_short_piece(p.piece, p.key, out, cache);
+        else
+            bpe_.encode_piece(p.piece, out, cache);
+    };
     for_each_piece(static_cast<PatternKind>(pattern_kind_), segment, [&](size_t begin, size_t end) {
-        const std::string_view piece(base + begin, end - begin);
-        bpe_.prefetch_piece(piece, cache);
-        std::string_view& slot = pending[found++ % kLag];
-        if (found > kLag) bpe_.encode_piece(slot, out, cache);
-        slot = piece;
+        Pending& slot = pending[found % kLag];
+        if (found >= kLag) encode_pending(slot);
+        slot.piece = std::string_view(base + begin, end - begin);
+        slot.short_piece = slot.piece.size() >= 2 && slot.piece.size() <= BytePairEncoder::kShortPiece;
+        if (slot.short_piece) {
+            slot.key = PieceCache::key_of(slot.piece.data(), slot.piece.size());
+            cache.prefetch(slot.key);
+        }
+        if (found >= kProbe) {
+            const Pending& probe = pending[(found - kProbe) % kLag];
+            if (probe.short_piece && !cache.contains(probe.key)) bpe_.prefetch_whole_piece(probe.piece);
+        }
+        ++found;
     });
-    for (size_t i = found > kLag ? found - kLag : 0; i < found; ++i) bpe_.encode_piece(pending[i % kLag], out, cache);
+    for (size_t i = found > kLag ? found - kLag : 0; i < found; ++i) encode_pending(pending[i % kLag]);
 #else
     (void)segment;
     (void)out;
