@@ -83,17 +83,22 @@ bool BytesRankMap::build(const std::vector<std::pair<std::string_view, Rank>>& e
     for (const auto& [key, rank] : entries) {
         if (key.size() >= kEmpty) throw std::invalid_argument("vocabulary entry too long");
         const uint64_t h = hash_bytes(key.data(), key.size());
-        const uint32_t tag = static_cast<uint32_t>(h >> 32);
+        const bool inline_key = key.size() <= kInlineBytes;
+        const uint64_t word = inline_key ? inline_word(key.data(), key.size())
+                                         : (h >> 32) << 32 | static_cast<uint32_t>(arena.size());
         size_t i = static_cast<size_t>(h) & mask;
         for (;; i = (i + 1) & mask) {
-            Slot& s = slots[i];
+            const Slot& s = slots[i];
             if (s.len == kEmpty) break;
-            if (s.tag == tag && s.len == key.size() &&
-                std::memcmp(arena.data() + s.offset, key.data(), key.size()) == 0)
-                return false;
+            if (s.len != key.size()) continue;
+            const bool same = inline_key ? s.word == word
+                                         : s.word >> 32 == word >> 32 &&
+                                               std::memcmp(arena.data() + static_cast<uint32_t>(s.word), key.data(),
+                                                           key.size()) == 0;
+            if (same) return false;
         }
-        slots[i] = Slot{tag, static_cast<uint32_t>(key.size()), static_cast<uint32_t>(arena.size()), rank};
-        arena.append(key.data(), key.size());
+        slots[i] = Slot{word, static_cast<uint32_t>(key.size()), rank};
+        if (!inline_key) arena.append(key.data(), key.size());
     }
     slots_ = std::move(slots);
     arena_ = std::move(arena);

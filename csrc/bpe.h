@@ -79,9 +79,9 @@ void stream_in(const void* data, size_t size);
 // Fast non-cryptographic hash of a byte string (multiply-mix over 8-byte words; short keys take one or two loads).
 uint64_t hash_bytes(const char* data, size_t size);
 
-// Open-addressing hash table from byte strings to ranks. Keys are views into one arena owned by the table, so a
-// lookup never allocates: it hashes the view, probes linearly, and compares a 32-bit tag and the length before the
-// bytes.
+// Open-addressing hash table from byte strings to ranks. A lookup never allocates: it hashes the view and probes
+// linearly; keys of up to 8 bytes are compared in the slot, longer ones by a 32-bit tag and the length before their
+// bytes in the table's arena.
 class BytesRankMap {
    public:
     BytesRankMap() = default;
@@ -91,11 +91,21 @@ class BytesRankMap {
     Rank find(const char* data, size_t size) const {
         if (slots_.empty()) return kNoRank;
         const uint64_t h = hash_bytes(data, size);
+        if (size <= kInlineBytes) {  // the key is in the slot: one memory access
+            const uint64_t word = inline_word(data, size);
+            for (size_t i = static_cast<size_t>(h) & mask_;; i = (i + 1) & mask_) {
+                const Slot& s = slots_[i];
+                if (s.len == kEmpty) return kNoRank;
+                if (s.len == size && s.word == word) return s.rank;
+            }
+        }
         const uint32_t tag = static_cast<uint32_t>(h >> 32);
         for (size_t i = static_cast<size_t>(h) & mask_;; i = (i + 1) & mask_) {
             const Slot& s = slots_[i];
             if (s.len == kEmpty) return kNoRank;
-            if (s.tag == tag && s.len == size && std::memcmp(arena_.data() + s.offset, data, size) == 0) return s.rank;
+            if (s.len == size && static_cast<uint32_t>(s.word >> 32) == tag &&
+                std::memcmp(arena_.data() + static_cast<uint32_t>(s.word), data, size) == 0)
+                return s.rank;
         }
     }
     // Starts loading the first slot a lookup of this key probes.
@@ -111,12 +121,26 @@ class BytesRankMap {
 
    private:
     static constexpr uint32_t kEmpty = UINT32_MAX;
+    // Keys of up to 8 bytes (most tokens) live in the slot itself; longer ones in the arena, the slot holding a
+    // 32-bit tag of their hash and their offset.
+    static constexpr size_t kInlineBytes = 8;
     struct Slot {
-        uint32_t tag = 0;
+        uint64_t word = 0;  // inline_word() of the key, or tag << 32 | arena offset
         uint32_t len = kEmpty;
-        uint32_t offset = 0;
         Rank rank = kNoRank;
     };
+    // Together with the length, identifies a key of up to 8 bytes: its first and last four bytes cover it (or, below
+    // four bytes, its first, middle and last byte).
+    static uint64_t inline_word(const char* p, size_t n) {
+        if (n >= 4) {
+            uint32_t lo, hi;
+            std::memcpy(&lo, p, 4);
+            std::memcpy(&hi, p + n - 4, 4);
+            return lo | uint64_t(hi) << 32;
+        }
+        if (n == 0) return 0;
+        return uint64_t(uint8_t(p[0])) | uint64_t(uint8_t(p[n >> 1])) << 8 | uint64_t(uint8_t(p[n - 1])) << 16;
+    }
     LargeTable<Slot> slots_;
     std::string arena_;
     size_t mask_ = 0;
