@@ -497,6 +497,21 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _bwd_scores(qk, qk_scale, mask_base, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k, diag, window_left,
+                window_right, band_edge, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_LEFT: tl.constexpr,
+                HAS_RIGHT: tl.constexpr):
+    """_scores() for the backward loops, which see the tile either way round (``rows``/``cols``: broadcastable query
+    and key indices). The band applies only where ``band_edge`` (a runtime flag: one loop body for edge and interior
+    blocks keeps the register pressure down). Also returns which elements lie inside the (Sq, Sk) problem."""
+    in_bounds = (rows < seqlen_q) & (cols < seqlen_k)
+    s = _scores(qk, qk_scale, mask_base + rows * stride_mm + cols * stride_mn, in_bounds, rows, cols, seqlen_k, diag,
+                window_left, window_right, HAS_MASK, MASK_IS_BOOL, False, HAS_LEFT, HAS_RIGHT)
+    if band_edge:
+        s = _band(s, rows, cols, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+    return s, in_bounds
+
+
+@triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
                          stride_qm, stride_dom, stride_mm, stride_mn, offs_n, seqlen_q, seqlen_k, diag,
                          window_left, window_right, qk_scale, seed, dropout_p, drop_base, Sk,
@@ -522,13 +537,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, ma
         # Rows with no allowed key stored LSE = -inf, rows past the end read +inf: either way P comes out 0.
         lse2 = tl.where(lse == -float("inf"), float("inf"), lse * 1.4426950408889634)
         qk_t = _dot(k, tl.trans(q), None, FP32_IEEE)
-        mask_ptrs = mask_base + offs_m[None, :] * stride_mm + offs_n[:, None] * stride_mn
-        mask_ok = (offs_m[None, :] < seqlen_q) & (offs_n[:, None] < seqlen_k)
-        s_t = _scores(qk_t, qk_scale, mask_ptrs, mask_ok, offs_m[None, :], offs_n[:, None], seqlen_k, diag,
-                      window_left, window_right, HAS_MASK, MASK_IS_BOOL, False, HAS_LEFT, HAS_RIGHT)
-        if (start_m < full_lo) | (start_m >= full_hi):
-            s_t = _band(s_t, offs_m[None, :], offs_n[:, None], seqlen_k, diag, window_left, window_right,
-                        HAS_LEFT, HAS_RIGHT)
+        s_t, _ = _bwd_scores(qk_t, qk_scale, mask_base, stride_mm, stride_mn, offs_m[None, :], offs_n[:, None],
+                             seqlen_q, seqlen_k, diag, window_left, window_right,
+                             (start_m < full_lo) | (start_m >= full_hi), HAS_MASK, MASK_IS_BOOL, HAS_LEFT, HAS_RIGHT)
         p_t = tl.math.exp2(s_t - lse2[None, :])
         dp_t = _dot(v, tl.trans(do), None, FP32_IEEE)
         if DROPOUT:
@@ -633,13 +644,10 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_bas
         v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, seqlen_k, offs_dv,
                        HEAD_DV, BLOCK_DV, True)
         qk = _dot(q, tl.trans(k), None, FP32_IEEE)
-        mask_ptrs = mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
-        mask_ok = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
-        s = _scores(qk, qk_scale, mask_ptrs, mask_ok, offs_m[:, None], offs_n[None, :], seqlen_k, diag,
-                    window_left, window_right, HAS_MASK, MASK_IS_BOOL, False, HAS_LEFT, HAS_RIGHT)
-        if (start_n < full_lo) | (start_n >= full_hi):
-            s = _band(s, offs_m[:, None], offs_n[None, :], seqlen_k, diag, window_left, window_right,
-                      HAS_LEFT, HAS_RIGHT)
+        s, in_bounds = _bwd_scores(qk, qk_scale, mask_base, stride_mm, stride_mn, offs_m[:, None], offs_n[None, :],
+                                   seqlen_q, seqlen_k, diag, window_left, window_right,
+                                   (start_n < full_lo) | (start_n >= full_hi), HAS_MASK, MASK_IS_BOOL, HAS_LEFT,
+                                   HAS_RIGHT)
         p = tl.math.exp2(s - lse2[:, None])
         dp = _dot(do, tl.trans(v), None, FP32_IEEE)
         if DROPOUT:
@@ -648,7 +656,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_bas
         ds = p * (dp - delta[:, None])
         if STORE_DS:
             # dS is also the gradient of an additive attn_mask: written only when the mask needs it.
-            tl.store(ds_base + offs_m[:, None].to(tl.int64) * Sk + offs_n[None, :], ds, mask=mask_ok)
+            tl.store(ds_base + offs_m[:, None].to(tl.int64) * Sk + offs_n[None, :], ds, mask=in_bounds)
         dq = _dot(_cast(ds, k.dtype), k, dq, FP32_IEEE)
     return dq
 
