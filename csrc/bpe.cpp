@@ -601,6 +601,16 @@ void PairRankMap::build(const std::vector<std::pair<uint64_t, Rank>>& entries) {
     }
     mask_ = mask;
     shift_ = shift;
+    // The filter: a power of two of 64-bit words, about ten bits per pair, at least 64 words.
+    unsigned words_log2 = 6;
+    while ((size_t(64) << words_log2) < entries.size() * 10 && words_log2 < 46) ++words_log2;
+    filter_shift_ = 64 - words_log2;
+    LargeTable<uint64_t> filter(size_t(1) << words_log2, 0);
+    for (const auto& [key, rank] : entries) {
+        const uint64_t g = filter_hash(static_cast<Rank>(key >> 32), static_cast<Rank>(key));
+        filter[g >> filter_shift_] |= filter_bits(g);
+    }
+    filter_ = std::move(filter);
 }
 
 }  // namespace llmfast

@@ -154,6 +154,7 @@ class PairRankMap {
    public:
     void build(const std::vector<std::pair<uint64_t, Rank>>& entries);
     Rank find(Rank left, Rank right) const {
+        if (!may_contain(left, right)) return kNoRank;
         if (!packed_.empty()) {
             // A pair with a part >= 2^20 was never stored in the packed form.
             if ((left | right) >> kPackedBits) return kNoRank;
@@ -181,9 +182,29 @@ class PairRankMap {
             __builtin_prefetch(&slots_[static_cast<size_t>((key * 0x9E3779B97F4A7C15ull) >> shift_) & mask_]);
         }
     }
-    size_t memory_bytes() const { return slots_.size() * sizeof(Slot) + packed_.size() * sizeof(uint64_t); }
+    size_t memory_bytes() const {
+        return slots_.size() * sizeof(Slot) + packed_.size() * sizeof(uint64_t) + filter_.size() * sizeof(uint64_t);
+    }
 
    private:
+    // Blocked Bloom filter over the stored pairs, about ten bits per pair in one 64-bit word per pair (three bits
+    // set): most pairs the merge loop asks about are not tokens, and the filter, a fraction of the table's size,
+    // answers those from the CPU's caches instead of a miss in the table (false positives, about 2%, just probe).
+    static uint64_t filter_hash(Rank left, Rank right) {
+        return ((static_cast<uint64_t>(left) << 32) | right) * 0xC2B2AE3D27D4EB4Full;
+    }
+    uint64_t filter_bits(uint64_t g) const {
+        // The top bits of g pick the word; the 18 bits under them, three bits in it.
+        return uint64_t(1) << ((g >> (filter_shift_ - 6)) & 63) | uint64_t(1) << ((g >> (filter_shift_ - 12)) & 63) |
+               uint64_t(1) << ((g >> (filter_shift_ - 18)) & 63);
+    }
+    bool may_contain(Rank left, Rank right) const {
+        const uint64_t g = filter_hash(left, right);
+        const uint64_t bits = filter_bits(g);
+        return (filter_[g >> filter_shift_] & bits) == bits;
+    }
+    LargeTable<uint64_t> filter_ = LargeTable<uint64_t>(2, ~uint64_t(0));  // before build(): everything may be there
+    unsigned filter_shift_ = 63;
     static constexpr uint64_t kEmptyKey = UINT64_MAX;  // (kNoRank, kNoRank) is never a real pair
     // When every part is below 2^20 and every value below 2^24 - 1 (tiktoken's vocabularies: ranks < 2^18), a slot
     // packs left << 20 | right | value << 40 into 8 bytes: half the table, so twice the slots per cache line and
