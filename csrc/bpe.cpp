@@ -129,6 +129,7 @@ PieceCache& PieceCache::for_thread(uint64_t owner, bool narrow) {
     if (*victim) {
         std::fill_n((*victim)->sets_.data(), kSets, Set{});
         (*victim)->pair_memo_ = empty_pair_memo();
+        for (size_t i = 0; i < (size_t(1) << kLongSlotBits); ++i) (*victim)->long_[i].reset();
     } else
         *victim = std::make_unique<PieceCache>();
     (*victim)->owner_ = owner;
@@ -344,7 +345,13 @@ Rank* BytePairEncoder::encode_long(std::string_view piece, Rank* w, PieceCache& 
         *w = whole;
         return w + 1;
     }
-    return self_merging_ ? merge_cut(piece, w, cache) : merge_long(piece, w);
+    const bool cacheable = piece.size() <= PieceCache::kMaxLongBytes;
+    const uint64_t hash = cacheable ? hash_bytes(piece.data(), piece.size()) : 0;
+    if (cacheable)
+        if (Rank* end = cache.find_long(piece, hash, w)) return end;
+    Rank* end = self_merging_ ? merge_cut(piece, w, cache) : merge_long(piece, w);
+    if (cacheable) cache.insert_long(piece, hash, w, static_cast<size_t>(end - w));
+    return end;
 }
 
 Rank* BytePairEncoder::encode_chunk(std::string_view chunk, Rank* w, PieceCache& cache, bool cut_further) const {

@@ -384,6 +384,26 @@ class PieceCache {
         return pair_memo_[(key * 0x9E3779B97F4A7C15ull) >> (64 - kPairMemoBits)];
     }
 
+    // Pieces longer than kMaxBytes (runs of spaces in code, rules drawn with dashes, long words) are rare but cost
+    // microseconds each to cut and merge, and they recur: a small direct-mapped cache keeps the bytes and tokens of
+    // those up to kMaxLongBytes.
+    static constexpr size_t kMaxLongBytes = 256;
+    static constexpr int kLongSlotBits = 10;  // 1024 slots
+    // Copies the cached tokens of a long piece to w and returns the end, or returns null.
+    Rank* find_long(std::string_view piece, uint64_t hash, Rank* w) const {
+        const LongEntry* e = long_[hash >> (64 - kLongSlotBits)].get();
+        if (!e || e->hash != hash || e->bytes != piece) return nullptr;
+        std::memcpy(w, e->tokens.data(), e->tokens.size() * sizeof(Rank));
+        return w + e->tokens.size();
+    }
+    void insert_long(std::string_view piece, uint64_t hash, const Rank* tokens, size_t count) {
+        auto& slot = long_[hash >> (64 - kLongSlotBits)];
+        if (!slot) slot = std::make_unique<LongEntry>();
+        slot->hash = hash;
+        slot->bytes.assign(piece.data(), piece.size());
+        slot->tokens.assign(tokens, tokens + count);
+    }
+
     // The calling thread's cache for the encoder numbered `owner` (a few are kept per thread; taking over one
     // clears it). `narrow`: every rank of that encoder is below kNarrowRanks.
     static PieceCache& for_thread(uint64_t owner, bool narrow);
@@ -406,6 +426,12 @@ class PieceCache {
         std::fill_n(memo.get(), size_t(1) << kPairMemoBits, UINT64_MAX);  // key bits all ones: no pair of ranks
         return memo;
     }
+    struct LongEntry {
+        uint64_t hash = 0;
+        std::string bytes;
+        std::vector<Rank> tokens;
+    };
+    std::unique_ptr<std::unique_ptr<LongEntry>[]> long_{new std::unique_ptr<LongEntry>[size_t(1) << kLongSlotBits]};
     uint64_t owner_ = 0;
     uint64_t last_use_ = 0;
     bool narrow_ = false;
