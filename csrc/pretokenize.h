@@ -30,6 +30,10 @@
 
 #include "unicode.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace llmfast {
 
 enum class PatternKind { R50K, CL100K, O200K };
@@ -176,6 +180,28 @@ inline size_t ascii_run(const uint8_t* s, size_t n, size_t j, uint8_t mask) {
     return j;
 }
 
+// End of the run of bytes from j in [lo, hi] (ASCII letters: [a-z], [A-Z]; with fold, either case). Sixteen bytes
+// per step where SSE2 is available: one well-predicted branch per step instead of a mispredicted one at the end of
+// every word.
+template <uint8_t lo, uint8_t hi, bool fold>
+inline size_t ascii_range_run(const uint8_t* s, size_t n, size_t j) {
+#if defined(__SSE2__)
+    const __m128i low = _mm_set1_epi8(static_cast<char>(lo));
+    const __m128i span = _mm_set1_epi8(static_cast<char>(hi - lo));
+    const __m128i case_bit = _mm_set1_epi8(fold ? 0x20 : 0);
+    while (j + 16 <= n) {
+        const __m128i bytes = _mm_or_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + j)), case_bit);
+        const __m128i offset = _mm_sub_epi8(bytes, low);  // in range <=> offset <= span, unsigned
+        const __m128i inside = _mm_cmpeq_epi8(_mm_min_epu8(offset, span), offset);
+        const unsigned outside = ~static_cast<unsigned>(_mm_movemask_epi8(inside)) & 0xFFFF;
+        if (outside) return j + static_cast<size_t>(__builtin_ctz(outside));
+        j += 16;
+    }
+#endif
+    while (j < n && static_cast<uint8_t>((s[j] | (fold ? 0x20 : 0)) - lo) <= hi - lo) ++j;
+    return j;
+}
+
 // cl100k_base:
 //   '(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|
 //   \s+(?!\S)|\s
@@ -183,7 +209,7 @@ inline size_t next_piece_cl100k(const uint8_t* s, size_t n, size_t i) {
     if (s[i] < 0x80 && s[i] != '\'') {  // the apostrophe may start a contraction
         const size_t start = ascii_letters_start(s, n, i);
         if (start <= n) {
-            const size_t e = ascii_run(s, n, start, flag::kL);
+            const size_t e = ascii_range_run<'a', 'z', true>(s, n, start);  // [A-Za-z]: the ASCII \p{L}
             if (e == n || s[e] < 0x80) return e;  // else a letter may follow: the general path decides
         }
     }
@@ -251,7 +277,7 @@ inline size_t next_piece_o200k(const uint8_t* s, size_t n, size_t i) {
         const size_t start = ascii_letters_start(s, n, i);
         if (start <= n) {
             // ASCII letters are [A-Z] (U) or [a-z] (W): U*W+ when lower-case letters follow the capitals, else U+.
-            const size_t e = ascii_run(s, n, ascii_run(s, n, start, flag::kUpper), flag::kLower);
+            const size_t e = ascii_range_run<'a', 'z', false>(s, n, ascii_range_run<'A', 'Z', false>(s, n, start));
             if (e == n || s[e] < 0x80) return contraction_folded(s, n, e);
         }
     }
