@@ -348,3 +348,14 @@ def test_special_token_scan_with_any_first_bytes(specials):
         assert ours.encode(text, allowed_special="all") == ref.encode(text, allowed_special="all")
         assert _outcome(lambda: ours.encode(text)) == _outcome(lambda: ref.encode(text))
         assert ours.encode_batch([text, text], allowed_special="all") == ref.encode_batch([text] * 2, allowed_special="all")
+
+
+def test_letter_runs_of_every_length_around_the_16_byte_steps(pair):
+    # The scanners take ASCII letter runs sixteen bytes at a time: runs of 1 to 40 letters, in lower, upper and mixed
+    # case, ended by punctuation, a digit, a non-ASCII letter, a space or the end of the text.
+    ours, ref = pair
+    for length in range(1, 41):
+        for word in ("q" * length, "Q" * length, ("Ab" * length)[:length], ("ABc" * length)[:length]):
+            for end in ("", ".", "7", "é", "ß", " x", "'s", "\n"):
+                for text in (word + end, " " + word + end, "(" + word + end):
+                    assert ours.encode_ordinary(text) == ref.encode_ordinary(text), repr(text)
