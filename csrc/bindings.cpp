@@ -313,10 +313,14 @@ class CoreBPE {
         size_t total_bytes = 0;
         for (std::string_view v : views) total_bytes += v.size();
         const size_t threads = std::max<size_t>(1, std::min(num_threads, n));
+        // The documents' kind of text, from a few of them (see Encoder::prepare()).
+        std::string sample;
+        for (size_t i = 0; i < n && sample.size() < 4096; i += std::max<size_t>(1, n / 16))
+            sample.append(views[i].substr(0, 256));
         {
             py::gil_scoped_release release;
             llmfast::parallel_run(threads, [&](size_t thread) {
-                encoder_->prepare(total_bytes / threads);
+                encoder_->prepare(total_bytes / threads, sample);
                 if (thread != 0) {
                     for (size_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) encode_one(i);
                     return;

@@ -333,9 +333,9 @@ void stream_in(const void* data, size_t size) {
     for (size_t i = 0; i < size; i += 64) (void)p[i];
 }
 
-void BytePairEncoder::warm(const PieceCache& cache) const {
+void BytePairEncoder::warm(const PieceCache& cache, bool cut_filter) const {
     stream_in(cache.memory().data(), cache.memory().size());
-    if (self_merging_) {
+    if (self_merging_ && cut_filter) {
         stream_in(ngrams_.data(), ngrams_.size() * sizeof(uint64_t));
         stream_in(three_byte_.data(), three_byte_.size() * sizeof(uint64_t));
     }

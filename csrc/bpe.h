@@ -481,11 +481,13 @@ class BytePairEncoder {
     // Starts loading the slot where a short piece new to the cache is looked up whole.
     void prefetch_whole_piece(std::string_view piece) const { ranks_.prefetch(piece.data(), piece.size()); }
     PieceCache& piece_cache() const { return PieceCache::for_thread(id_, max_rank_ < PieceCache::kNarrowRanks); }
-    // Before a long text: reads the piece cache and the cut filters front to back. Work done since the last call
-    // (in Python, in another library) has usually pushed them out of the CPU caches, and streaming a megabyte in is
-    // several times cheaper than missing on its lines one piece at a time.
+    // Before a long text: reads the piece cache (and, for text with many multi-byte characters, the cut filter
+    // that CJK runs test at every character) front to back. Work done since the last call (in Python, in another
+    // library) has usually pushed them out of the CPU caches, and streaming a megabyte in is several times cheaper
+    // than missing on its lines one piece at a time; text that is mostly ASCII rarely reads the filter, so streaming
+    // its megabytes in would be wasted.
     static constexpr size_t kWarmText = 64 * 1024;
-    void warm(const PieceCache& cache) const;
+    void warm(const PieceCache& cache, bool cut_filter) const;
 
     size_t vocab_size() const { return ranks_.size(); }
     Rank max_rank() const { return max_rank_; }

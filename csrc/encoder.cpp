@@ -181,7 +181,7 @@ void Encoder::encode_segment(std::string_view segment, TokenBuffer& out, PieceCa
 void Encoder::encode(std::string_view text, const uint8_t* allowed_mask, TokenBuffer& out) const {
     if (!has_native_pattern()) throw std::logic_error("this encoding's pattern has no native pre-tokenizer");
     PieceCache& cache = bpe_.piece_cache();
-    prepare(text.size());
+    prepare(text.size(), text);
     size_t start = 0;
     for (;;) {
         size_t pos = 0, index = 0;
@@ -197,12 +197,21 @@ void Encoder::encode(std::string_view text, const uint8_t* allowed_mask, TokenBu
 void Encoder::encode_ordinary(std::string_view text, TokenBuffer& out) const {
     if (!has_native_pattern()) throw std::logic_error("this encoding's pattern has no native pre-tokenizer");
     PieceCache& cache = bpe_.piece_cache();
-    prepare(text.size());
+    prepare(text.size(), text);
     if (!text.empty()) encode_segment(text, out, cache);
 }
 
-void Encoder::prepare(size_t text_bytes) const {
-    if (text_bytes >= BytePairEncoder::kWarmText) bpe_.warm(bpe_.piece_cache());
+void Encoder::prepare(size_t text_bytes, std::string_view sample) const {
+    if (text_bytes >= BytePairEncoder::kWarmText) bpe_.warm(bpe_.piece_cache(), mostly_multibyte(sample));
+}
+
+bool Encoder::mostly_multibyte(std::string_view text) {
+    constexpr size_t kSamples = 1024;
+    const size_t step = std::max<size_t>(1, text.size() / kSamples);
+    size_t seen = 0, high = 0;
+    for (size_t i = 0; i < text.size() && seen < kSamples; i += step, ++seen)
+        high += static_cast<uint8_t>(text[i]) >= 0x80;
+    return high * 8 >= seen && seen > 0;
 }
 
 void Encoder::encode_pieces(const std::vector<std::string_view>& pieces, TokenBuffer& out) const {

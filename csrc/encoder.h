@@ -36,9 +36,11 @@ class Encoder {
     // native pattern.
     void encode(std::string_view text, const uint8_t* allowed_mask, TokenBuffer& out) const;
     void encode_ordinary(std::string_view text, TokenBuffer& out) const;
-    // Readies this thread's piece cache and the cut filters for about `text_bytes` of text (see
+    // Readies this thread's piece cache and the cut filters for about `text_bytes` of text like `sample` (see
     // BytePairEncoder::warm()); encode() and encode_ordinary() do it for their own text.
-    void prepare(size_t text_bytes) const;
+    void prepare(size_t text_bytes, std::string_view sample) const;
+    // Whether a strided sample of `text` has many bytes of multi-byte characters (an eighth or more).
+    static bool mostly_multibyte(std::string_view text);
     // Byte-pair encodes each already split piece.
     void encode_pieces(const std::vector<std::string_view>& pieces, TokenBuffer& out) const;
 
