@@ -528,34 +528,48 @@ class BytePairEncoder {
 
     // Could a token of the vocabulary cover both byte k-1 and byte k of p[0, n) (0 < k < n)? False means no merge
     // joins them. Such a token starts at k-1 or k-2 (so its first two or three bytes are known), or starts earlier and
-    // ends at k+1 or k+2 (its last four or five bytes are known), or holds p[k-3..k+2]: one bit-set test each, the
-    // first exact, the others hashed (a collision only costs a cut). For a CJK character boundary only a token
-    // holding both characters (a word) blocks the cut.
+    // ends at k+1 or k+2 (its last four or five bytes are known), or holds p[k-3..k+2]: one set test each, the
+    // first exact, the others in a Bloom filter (a false positive only costs a cut). For a CJK character boundary
+    // only a token holding both characters (a word) blocks the cut.
     bool may_span(const uint8_t* p, size_t n, size_t k) const {
         const size_t left = std::min<size_t>(k, 3), right = std::min<size_t>(n - k, 3);
         uint64_t window = 0;  // byte 3 - left + i is p[k - left + i]: byte 2 is p[k-1], byte 3 is p[k]
         for (size_t i = 0; i < left + right; ++i) window |= uint64_t(p[k - left + i]) << (8 * (3 - left + i));
         if (left == 3 && right == 3) return may_span_inside(window);
-        return test_bit(starts2_, (window >> 16) & 0xFFFF) ||
-               (left >= 2 && test_ngram((window >> 8) & 0xFFFFFF, 3)) ||
-               (left == 3 && (test_ngram(window & 0xFFFFFFFF, 4) ||
-                              (right >= 2 && test_ngram(window & 0xFFFFFFFFFF, 5))));
+        if (test_bit(starts2_, (window >> 16) & 0xFFFF)) return true;
+        if (left < 2) return false;
+        const uint64_t* block = ngram_block((window >> 8) & 0xFFFFFF);
+        return test_ngram(block, (window >> 8) & 0xFFFFFF, 3) ||
+               (left == 3 && (test_ngram(block, window & 0xFFFFFFFF, 4) ||
+                              (right >= 2 && test_ngram(block, window & 0xFFFFFFFFFF, 5))));
     }
     // may_span() with three bytes on each side, from window = p[k-3..k+2] little-endian: the tests without branches.
     bool may_span_inside(uint64_t window) const {
-        return test_bit(starts2_, (window >> 16) & 0xFFFF) | test_ngram((window >> 8) & 0xFFFFFF, 3) |
-               test_ngram(window & 0xFFFFFFFF, 4) | test_ngram(window & 0xFFFFFFFFFF, 5) |
-               test_ngram(window & 0xFFFFFFFFFFFF, 6);
+        const uint64_t* block = ngram_block((window >> 8) & 0xFFFFFF);
+        return test_bit(starts2_, (window >> 16) & 0xFFFF) | test_ngram(block, (window >> 8) & 0xFFFFFF, 3) |
+               test_ngram(block, window & 0xFFFFFFFF, 4) | test_ngram(block, window & 0xFFFFFFFFFF, 5) |
+               test_ngram(block, window & 0xFFFFFFFFFFFF, 6);
     }
-    // Bit of the hashed n-gram set for `len` (3 to 6) bytes, little-endian in `bytes`. Each length has its own odd
-    // multiplier, which tells the four sets apart without tagging the key (the length being a constant at every call,
-    // a test is a mask, a multiply and a shift).
-    size_t ngram_slot(uint64_t bytes, unsigned len) const {
+    // The n-gram set is a Bloom filter blocked by cache line: every n-gram tested at a boundary k contains
+    // p[k-2..k], so those three bytes pick one 64-byte block (`context`, little-endian) and the four tests of a
+    // boundary read that one line instead of four random ones. Within the block each n-gram sets two of its 512
+    // bits, from a hash with its own odd multiplier per length (3 to 6 bytes, little-endian in `bytes`).
+    static constexpr unsigned kBlockBits = 9;  // 512 bits: one cache line
+    const uint64_t* ngram_block(uint64_t context) const {
+        const size_t block = static_cast<size_t>((context * 0xA24BAED4963EE407ull) >> (64 - (ngram_bits_ - kBlockBits)));
+        return ngrams_.data() + (block << (kBlockBits - 6));
+    }
+    static uint64_t ngram_hash(uint64_t bytes, unsigned len) {
         static constexpr uint64_t kMultiplier[4] = {0x9E3779B97F4A7C15ull, 0xC2B2AE3D27D4EB4Full,
                                                     0x165667B19E3779F9ull, 0xD6E8FEB86659FD93ull};
-        return static_cast<size_t>((bytes * kMultiplier[len - 3]) >> (64 - ngram_bits_));
+        return bytes * kMultiplier[len - 3];
     }
-    bool test_ngram(uint64_t bytes, unsigned len) const { return test_bit(ngrams_, ngram_slot(bytes, len)); }
+    static bool test_ngram(const uint64_t* block, uint64_t bytes, unsigned len) {
+        const uint64_t h = ngram_hash(bytes, len);
+        const unsigned a = static_cast<unsigned>(h >> (64 - kBlockBits));
+        const unsigned b = static_cast<unsigned>(h >> (64 - 2 * kBlockBits)) & ((1u << kBlockBits) - 1);
+        return (block[a >> 6] >> (a & 63) & 1) & (block[b >> 6] >> (b & 63) & 1);
+    }
     // Rank of the three-byte token (key: the bytes little-endian) starting with a non-ASCII byte, or kNoRank.
     Rank three_byte_rank(uint32_t key) const {
         for (size_t i = (key * 0x9E3779B1u) >> three_byte_shift_;; i = (i + 1) & (three_byte_.size() - 1)) {
