@@ -353,13 +353,13 @@ void BytePairEncoder::warm(const PieceCache& cache, bool cut_filter) const {
 }
 
 Rank* BytePairEncoder::encode_long(std::string_view piece, Rank* w, PieceCache& cache) const {
-    const Rank whole = long_ranks_.find(piece);
+    const uint64_t hash = hash_bytes(piece.data(), piece.size());  // for the whole-piece lookup and the cache
+    const Rank whole = long_ranks_.find(piece.data(), piece.size(), hash);
     if (whole != kNoRank) {
         *w = whole;
         return w + 1;
     }
     const bool cacheable = piece.size() <= PieceCache::kMaxLongBytes;
-    const uint64_t hash = cacheable ? hash_bytes(piece.data(), piece.size()) : 0;
     if (cacheable)
         if (Rank* end = cache.find_long(piece, hash, w)) return end;
     Rank* end = self_merging_ ? merge_cut(piece, w, cache) : merge_long(piece, w);
@@ -420,10 +420,8 @@ Rank* BytePairEncoder::merge_cut(std::string_view piece, Rank* w, PieceCache& ca
             w = encode_chunk(piece.substr(start, k - start), w, cache, true);
         start = k;
     }
-    if (start == 0) {
-        if (n <= kShortPiece) return merge_short(piece, w, &cache);
+    if (start == 0)  // no cut: the piece (longer than kShortPiece, see encode_long()) is cut exactly or merged whole
         return n <= kTrieCutPiece ? merge_chunked(piece, w, cache) : merge_long(piece, w);
-    }
     return encode_chunk(piece.substr(start), w, cache, true);
 }
 

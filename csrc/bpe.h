@@ -88,9 +88,10 @@ class BytesRankMap {
     // Builds the table; returns false (table unchanged) when a key occurs twice.
     bool build(const std::vector<std::pair<std::string_view, Rank>>& entries);
     Rank find(std::string_view key) const { return find(key.data(), key.size()); }
-    Rank find(const char* data, size_t size) const {
+    Rank find(const char* data, size_t size) const { return find(data, size, hash_bytes(data, size)); }
+    // The same with the key's hash_bytes() already computed.
+    Rank find(const char* data, size_t size, uint64_t h) const {
         if (slots_.empty()) return kNoRank;
-        const uint64_t h = hash_bytes(data, size);
         if (size <= kInlineBytes) {  // the key is in the slot: one memory access
             const uint64_t word = inline_word(data, size);
             for (size_t i = static_cast<size_t>(h) & mask_;; i = (i + 1) & mask_) {
@@ -320,7 +321,7 @@ class PieceCache {
     Rank* find(const Key& k, Rank* w) const {
         const Set& s = sets_[k.set];
         for (const Entry& e : s.entry) {
-            if (e.a == k.a && e.b == k.b && (e.lo & 0x1F) == k.len) {
+            if (holds(e, k)) {
                 constexpr uint64_t m = kNarrowRanks - 1;
                 if (narrow_) {
                     w[0] = Rank(e.lo >> 8 & m);
@@ -344,7 +345,7 @@ class PieceCache {
     // Whether the piece is cached (its set should already be loaded: see prefetch()).
     bool contains(const Key& k) const {
         bool found = false;
-        for (const Entry& e : sets_[k.set].entry) found |= e.a == k.a && e.b == k.b && (e.lo & 0x1F) == k.len;
+        for (const Entry& e : sets_[k.set].entry) found |= holds(e, k);
         return found;
     }
     // Starts loading the set a piece would occupy, so that a lookup issued a little later finds it in the L1.
@@ -415,6 +416,7 @@ class PieceCache {
     struct Entry {
         uint64_t a = 0, b = 0, lo = 0, hi = 0;
     };
+    static bool holds(const Entry& e, const Key& k) { return e.a == k.a && e.b == k.b && (e.lo & 0x1F) == k.len; }
     struct alignas(64) Set {
         Entry entry[kWays];
     };
@@ -472,11 +474,7 @@ class BytePairEncoder {
     // encode_piece() for a short piece (2 to kShortPiece bytes) whose cache key is already known.
     void encode_short_piece(std::string_view piece, const PieceCache::Key& key, TokenBuffer& out,
                             PieceCache& cache) const {
-        Rank* w = out.room(piece.size());
-        if (Rank* end = cache.find(key, w))
-            out.set_end(end);
-        else
-            out.set_end(encode_short_uncached(piece, key, w, cache));
+        out.set_end(encode_short(piece, key, out.room(piece.size()), cache));
     }
     // Starts loading the slot where a short piece new to the cache is looked up whole.
     void prefetch_whole_piece(std::string_view piece) const { ranks_.prefetch(piece.data(), piece.size()); }
@@ -499,7 +497,9 @@ class BytePairEncoder {
 
     // A piece of 2 to kShortPiece bytes: the cache, else the whole-piece lookup and the merge.
     Rank* encode_short(std::string_view piece, Rank* w, PieceCache& cache) const {
-        const PieceCache::Key key = PieceCache::key_of(piece.data(), piece.size());
+        return encode_short(piece, PieceCache::key_of(piece.data(), piece.size()), w, cache);
+    }
+    Rank* encode_short(std::string_view piece, const PieceCache::Key& key, Rank* w, PieceCache& cache) const {
         if (Rank* end = cache.find(key, w)) return end;
         return encode_short_uncached(piece, key, w, cache);
     }
