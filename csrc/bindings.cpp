@@ -313,10 +313,11 @@ class CoreBPE {
         size_t total_bytes = 0;
         for (std::string_view v : views) total_bytes += v.size();
         const size_t threads = std::max<size_t>(1, std::min(num_threads, n));
-        // The documents' kind of text, from a few of them (see Encoder::prepare()).
+        // The documents' kind of text, from a few of them (see Encoder::prepare(); only a large share warms up).
         std::string sample;
-        for (size_t i = 0; i < n && sample.size() < 4096; i += std::max<size_t>(1, n / 16))
-            sample.append(views[i].substr(0, 256));
+        if (total_bytes / threads >= llmfast::BytePairEncoder::kWarmText)
+            for (size_t i = 0; i < n && sample.size() < 4096; i += std::max<size_t>(1, n / 16))
+                sample.append(views[i].substr(0, 256));
         {
             py::gil_scoped_release release;
             llmfast::parallel_run(threads, [&](size_t thread) {
