@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from llmfast import _backend, _validation
+from llmfast.ops._arch import config_arch
 from llmfast.ops._spec import KernelSpec
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
@@ -139,10 +140,7 @@ ATTENTION_CONFIGS: dict[str, dict[str, dict[str, int]]] = {
 
 
 def _arch_key(device: torch.device) -> str:
-    if device.type != "cuda" or _backend.triton_interpreter_enabled():
-        return "interpreter"
-    major, _ = torch.cuda.get_device_capability(device)
-    return "sm90" if major >= 9 else "sm80"
+    return config_arch(device)
 
 
 def _head_dim_bucket(block_d: int) -> int:

@@ -1,0 +1,30 @@
+"""Which architecture's tuning configs a kernel launch uses: the one place every op asks.
+
+* A CUDA tensor outside the interpreter gets its card's configs: ``"sm90"`` (Hopper and newer) or ``"sm80"``.
+* Under Triton's interpreter (CPU tests) the default is ``"interpreter"``: small tiles, so short test sequences
+  still cross several blocks.
+* ``LLMFAST_CONFIG_ARCH=sm80`` or ``=sm90`` (read at every launch) makes the launch use that architecture's
+  shipped configs wherever it runs, so the tiles a real GPU would get are checked numerically in the interpreter.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .. import _backend
+
+CONFIG_ARCHES = ("sm80", "sm90", "interpreter")
+
+
+def config_arch(device: torch.device) -> str:
+    """``"sm80"``, ``"sm90"`` or ``"interpreter"``: whose configs a launch on ``device`` picks."""
+    forced = os.environ.get("LLMFAST_CONFIG_ARCH", "").strip().lower()
+    if forced:
+        if forced not in CONFIG_ARCHES:
+            raise ValueError(f"LLMFAST_CONFIG_ARCH must be one of {CONFIG_ARCHES}, got {forced!r}")
+        return forced
+    if device.type != "cuda" or _backend.triton_interpreter_enabled():
+        return "interpreter"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm90" if major >= 9 else "sm80"
