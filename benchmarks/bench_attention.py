@@ -1,7 +1,7 @@
 """Attention speed: llmfast vs every torch SDPA backend vs the pure-PyTorch reference.
 
 pytest-benchmark times llmfast (``llmfast.scaled_dot_product_attention`` on the ``auto`` backend: the Triton
-kernels on CUDA, torch's CPU kernel on the CPU); the peers are timed next to it with ``median_seconds`` and land in
+kernels on CUDA, torch's CPU kernel on the CPU); the peers are timed next to it with ``time_peer`` and land in
 ``benchmark.extra_info``:
 
 * ``tflops`` - llmfast's throughput; FLOPs are ``4 * B * H * Sq * Sk * D`` forward (half when causal) and 2.5x
@@ -28,7 +28,8 @@ import torch.nn.functional as F
 import llmfast
 from llmfast.reference import attention as reference
 
-from conftest import median_seconds, synchronize
+from conftest import measure, median_seconds, synchronize
+from conftest import time_peer as record_peer
 
 CUDA = torch.cuda.is_available()
 DTYPE = torch.bfloat16 if CUDA else torch.float32
@@ -120,13 +121,12 @@ def time_peer(name: str, attend, q, k, v, mode: str, device: torch.device, flops
         if quick:
             info[f"{name}_status"] = "ran (smoke run, not timed)"
             return None
-        seconds = median_seconds(step, device, repeats=5, warmup=0)
+        seconds = record_peer(info, name, step, device, repeats=5, warmup=0)
     except (RuntimeError, NotImplementedError, ValueError) as err:  # includes torch.OutOfMemoryError
         if device.type == "cuda":
             torch.cuda.empty_cache()
         info[f"{name}_status"] = f"unavailable: {str(err).splitlines()[0][:100]}"
         return None
-    info[f"{name}_ms"] = seconds * 1e3
     info[f"{name}_tflops"] = flops / seconds / 1e12
     return seconds
 
@@ -150,8 +150,7 @@ def test_attention(benchmark, device, bf16_matmul_tflops, seqlen, head_dim, caus
 
     with llmfast.backend("auto"):
         step = make_step(llmfast_attention, q, k, v, mode, device)
-        rounds = 20 if CUDA else 3
-        benchmark.pedantic(step, rounds=rounds, warmup_rounds=2 if CUDA else 1, iterations=1)
+        measure(benchmark, step, warmup=2 if CUDA else 1)
 
     quick = benchmark.disabled or benchmark.stats is None  # smoke run: peers run once, untimed; no ratios
     if not quick:

@@ -2,7 +2,7 @@
 
 pytest-benchmark times llmfast on the ``auto`` backend (Triton kernels on CUDA; on the CPU torch's
 ``F.cross_entropy`` for ``cross_entropy`` and the chunked torch path for ``fused_linear_cross_entropy``); peers
-are timed next to it with ``median_seconds``. ``benchmark.extra_info`` gets:
+are timed next to it with ``time_peer``. ``benchmark.extra_info`` gets:
 
 * ``cross_entropy``: ``gbps`` counting the logits read once (plus the gradient written once for forward +
   backward), ``<peer>_ms`` / ``speedup_vs_<peer>`` for ``torch`` and ``reference``, and on a GPU
@@ -28,7 +28,7 @@ import llmfast
 from llmfast.ops.cross_entropy import peak_memory_bytes
 from llmfast.reference import cross_entropy as reference
 
-from conftest import copy_gbps, median_seconds, synchronize
+from conftest import copy_gbps, measure, synchronize, time_peer
 
 CUDA = torch.cuda.is_available()
 CE_SHAPES = [(8192, 32000), (8192, 50257), (4096, 128256)] if CUDA else [(256, 8192), (64, 50000)]
@@ -66,8 +66,7 @@ def test_cross_entropy(benchmark, device, shape, dtype, mode):
 
     peers = {"torch": lambda x, t: F.cross_entropy(x, t), "reference": reference.cross_entropy}
     with llmfast.backend("auto"):
-        benchmark.pedantic(step_for(llmfast.cross_entropy), rounds=20 if CUDA else 3, warmup_rounds=1,
-                           iterations=1)
+        measure(benchmark, step_for(llmfast.cross_entropy))
     if benchmark.disabled or benchmark.stats is None:
         if shape == CE_SHAPES[0]:
             for fn in peers.values():
@@ -82,11 +81,10 @@ def test_cross_entropy(benchmark, device, shape, dtype, mode):
         info["fraction_of_copy_bandwidth"] = info["gbps"] / copy
     for name, fn in peers.items():
         try:
-            seconds = median_seconds(step_for(fn), device, repeats=10 if CUDA else 3)
+            seconds = time_peer(info, name, step_for(fn), device, repeats=10 if CUDA else 5)
         except RuntimeError as err:  # out of memory for the materialising peers
             info[f"{name}_status"] = f"unavailable: {str(err).splitlines()[0][:100]}"
             continue
-        info[f"{name}_ms"] = seconds * 1e3
         info[f"speedup_vs_{name}"] = seconds / ours
     if mode == "fwd_bwd":
         with llmfast.backend("auto"):
@@ -124,7 +122,7 @@ def test_fused_linear_cross_entropy(benchmark, device, shape):
         return F.cross_entropy(F.linear(hidden, weight), target)
 
     with llmfast.backend("auto"):
-        benchmark.pedantic(step_for(ours), rounds=10 if CUDA else 1, warmup_rounds=1, iterations=1)
+        measure(benchmark, step_for(ours))
         # .grad buffers exist on both sides from here on; the peaks below count what each step adds
         fused_peak = peak_memory_bytes(step_for(ours), device)
     step_for(torch_linear_ce)()
@@ -136,13 +134,11 @@ def test_fused_linear_cross_entropy(benchmark, device, shape):
     if benchmark.disabled or benchmark.stats is None:
         return
     ours_s = benchmark.stats.stats.median
-    info["fused_ms"] = ours_s * 1e3
-    seconds = median_seconds(step_for(torch_linear_ce), device, repeats=5 if CUDA else 1, warmup=0)
-    info["torch_ms"] = seconds * 1e3
+    seconds = time_peer(info, "torch", step_for(torch_linear_ce), device, repeats=5 if CUDA else 1, warmup=0)
     info["speedup_vs_torch"] = seconds / ours_s
     if n * v <= 2**26:  # the reference materialises the logits several times over
         def reference_step():
             return reference.fused_linear_cross_entropy(hidden, weight, target)
-        seconds = median_seconds(step_for(reference_step), device, repeats=3 if CUDA else 1, warmup=0)
-        info["reference_ms"] = seconds * 1e3
+        seconds = time_peer(info, "reference", step_for(reference_step), device, repeats=3 if CUDA else 1,
+                            warmup=0)
         info["speedup_vs_reference"] = seconds / ours_s

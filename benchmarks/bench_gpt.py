@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import llmfast
 from llmfast.models.gpt import GPT, GPTConfig
 
-from conftest import median_seconds
+from conftest import measure, synchronize, time_peer
 
 # Sizes per device: (model config, batch size).
 SIZES = {
@@ -47,29 +47,31 @@ def torch_fused_linear_cross_entropy(hidden, weight, target, bias=None, ignore_i
 
 def test_gpt_train_step(benchmark, device, monkeypatch):
     train_step, tokens = make_train_step(device)
-    repeats = 1 if benchmark.disabled else 5
+    info = benchmark.extra_info
+    info.update(device=device.type, op="gpt_train_step", tokens_per_step=tokens)
 
-    def timed(backend: str) -> float:
+    def on(backend: str):
         def run() -> None:
             with llmfast.backend(backend):
                 train_step()
-        return median_seconds(run, device, repeats=repeats)
+            synchronize(device)
+        return run
 
-    auto_s, reference_s = timed("auto"), timed("reference")
-    with monkeypatch.context() as patch:  # the model calls llmfast.<op> at run time: point those at torch's ops
-        patch.setattr(llmfast, "scaled_dot_product_attention", F.scaled_dot_product_attention)
-        patch.setattr(llmfast, "fused_linear_cross_entropy", torch_fused_linear_cross_entropy)
-        torch_s = median_seconds(train_step, device, repeats=repeats)
-    with llmfast.backend("auto"):
-        benchmark(train_step)
-    benchmark.extra_info.update({
-        "device": device.type,
-        "tokens_per_step": tokens,
-        "auto_s": auto_s,
-        "reference_s": reference_s,
-        "torch_s": torch_s,
-        "reference_over_auto": reference_s / auto_s,  # > 1: llmfast's backend makes the step faster
-        "torch_over_auto": torch_s / auto_s,  # > 1: faster than the model on torch's own fused ops
-        "auto_tokens_per_s": tokens / auto_s,
-    })
-    assert auto_s > 0 and reference_s > 0 and torch_s > 0
+    def on_torch() -> None:
+        with monkeypatch.context() as patch:  # the model calls llmfast.<op> at run time: point those at torch's ops
+            patch.setattr(llmfast, "scaled_dot_product_attention", F.scaled_dot_product_attention)
+            patch.setattr(llmfast, "fused_linear_cross_entropy", torch_fused_linear_cross_entropy)
+            train_step()
+        synchronize(device)
+
+    measure(benchmark, on("auto"))
+    if benchmark.disabled or benchmark.stats is None:  # smoke run: every variant once
+        on("reference")()
+        on_torch()
+        return
+    ours = benchmark.stats.stats.median
+    reference_s = time_peer(info, "reference", on("reference"), device)
+    torch_s = time_peer(info, "torch", on_torch, device)
+    info.update(llmfast_tokens_per_s=tokens / ours,
+                speedup_vs_reference=reference_s / ours,  # > 1: llmfast's backend makes the step faster
+                speedup_vs_torch=torch_s / ours)  # > 1: faster than the model on torch's own fused ops

@@ -1,7 +1,7 @@
 """Softmax speed: llmfast vs torch.softmax / torch.log_softmax vs the pure-PyTorch reference.
 
 pytest-benchmark times llmfast on the ``auto`` backend (the Triton kernels on CUDA, torch's kernels on the CPU);
-the peers are timed next to it with ``median_seconds`` and land in ``benchmark.extra_info``:
+the peers are timed next to it with ``time_peer`` and land in ``benchmark.extra_info``:
 
 * ``gbps``: llmfast's effective bandwidth counting each element read once and written once (forward: x in,
   y out; backward: y and dy in, dx out), whatever the kernel really moves. A looped kernel that re-reads a long
@@ -23,7 +23,7 @@ import torch
 import llmfast
 from llmfast.reference import softmax as reference
 
-from conftest import copy_gbps, median_seconds, synchronize
+from conftest import copy_gbps, measure, synchronize, time_peer
 
 CUDA = torch.cuda.is_available()
 DTYPES = [torch.bfloat16, torch.float32] if CUDA else [torch.float32]
@@ -87,7 +87,7 @@ def test_softmax(benchmark, device, n_cols, dtype, op, dim, mode):
 
     with llmfast.backend("auto"):
         step, passes = make_step(getattr(llmfast, op), x, dim, mode, device)
-        benchmark.pedantic(step, rounds=20 if CUDA else 3, warmup_rounds=2 if CUDA else 1, iterations=1)
+        measure(benchmark, step, warmup=2 if CUDA else 1)
     moved = passes * x.numel() * x.element_size()
     quick = benchmark.disabled or benchmark.stats is None
     if quick:
@@ -107,11 +107,10 @@ def test_softmax(benchmark, device, n_cols, dtype, op, dim, mode):
             continue
         peer_step = make_step(fn, x.detach().clone(), dim, mode, device)[0]
         try:
-            seconds = median_seconds(peer_step, device, repeats=10 if CUDA else 3)
+            seconds = time_peer(info, name, peer_step, device, repeats=10 if CUDA else 5)
         except RuntimeError as err:  # e.g. out of memory
             info[f"{name}_status"] = f"unavailable: {str(err).splitlines()[0][:100]}"
             continue
-        info[f"{name}_ms"] = seconds * 1e3
         info[f"{name}_gbps"] = moved / seconds / 1e9
         info[f"speedup_vs_{name}"] = seconds / ours
 
@@ -126,7 +125,7 @@ def test_masked_softmax(benchmark, device, n_cols):
     x = torch.randn(batch, heads, q_len, n_cols, device=device, dtype=dtype)
     keep = torch.rand(batch, 1, 1, n_cols, device=device) > 0.1
     info = benchmark.extra_info
-    info.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    info.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", op="masked_softmax",
                 dtype=str(dtype).replace("torch.", ""), shape=str(tuple(x.shape)))
 
     def ours():
@@ -141,12 +140,11 @@ def test_masked_softmax(benchmark, device, n_cols):
         return y
 
     with llmfast.backend("auto"):
-        benchmark.pedantic(ours, rounds=20 if CUDA else 3, warmup_rounds=1, iterations=1)
+        measure(benchmark, ours)
     if benchmark.disabled or benchmark.stats is None:
         torch_ops()
         return
     moved = 2 * x.numel() * x.element_size()
     info["gbps"] = moved / benchmark.stats.stats.median / 1e9
-    seconds = median_seconds(torch_ops, device, repeats=10 if CUDA else 3)
-    info["torch_ms"] = seconds * 1e3
+    seconds = time_peer(info, "torch", torch_ops, device, repeats=10 if CUDA else 5)
     info["speedup_vs_torch"] = seconds / benchmark.stats.stats.median
