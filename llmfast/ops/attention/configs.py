@@ -1,0 +1,127 @@
+"""Named tile configs per architecture, and the config a launch picks (by ``config_arch``, head-dim bucket,
+dtype and features)."""
+from __future__ import annotations
+
+import torch
+import triton
+
+from llmfast.ops._arch import config_arch
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
+LN2 = 0.6931471805599453
+MAX_HEAD_DIM = 256
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tuning: named configs per architecture, one per kernel, head-dim bucket (the padded head dim: "d64" serves head
+# dims 1..64, "d128" 65..128, "d256" 129..256) and kind of input: 16-bit inputs without extras, 16-bit inputs with
+# an attn_mask or dropout ("_extra": the mask tile and Philox rounds need registers, so smaller tiles), and fp32
+# inputs ("_fp32": exact fp32 dots run on the FMA units, which need much smaller tiles). BLOCK_M counts query rows,
+# BLOCK_N key rows. Every entry is the largest tile found that ``python -m llmfast.compile_check`` builds without
+# register spills (Triton 3.9, ptxas from its wheel); speed tuning on real GPUs is still to do.
+# On sm_90 the 16-bit kernels use wgmma, except the entries marked ``mma_sync``: at head dim 256 (and the forward
+# with extras) wgmma's 64-row tiles spill, so they run 16/32-row tiles on mma.sync instead.
+# ----------------------------------------------------------------------------------------------------------------
+ATTENTION_CONFIGS: dict[str, dict[str, dict[str, int]]] = {
+    "sm90": {
+        "fwd_d64": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+        "fwd_d128": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
+        "fwd_d256": dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=1),
+        "fwd_d64_extra": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
+        "fwd_d128_extra": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+        "fwd_d256_extra": dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1, mma_sync=True),
+        "fwd_d64_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
+        "fwd_d128_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
+        "fwd_d256_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1),
+        "bwd_preprocess_d64": dict(BLOCK_M=64, num_warps=4, num_stages=1),
+        "bwd_preprocess_d128": dict(BLOCK_M=32, num_warps=4, num_stages=1),
+        "bwd_preprocess_d256": dict(BLOCK_M=32, num_warps=8, num_stages=1),
+        "bwd_dkdv_d64": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+        "bwd_dkdv_d128": dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
+        "bwd_dkdv_d256": dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1, mma_sync=True),
+        "bwd_dkdv_d64_extra": dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2),
+        "bwd_dkdv_d128_extra": dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2),
+        "bwd_dkdv_d256_extra": dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1, mma_sync=True),
+        "bwd_dkdv_d64_fp32": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
+        "bwd_dkdv_d128_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
+        "bwd_dkdv_d256_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
+        "bwd_dq_d64": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+        "bwd_dq_d128": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+        "bwd_dq_d256": dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1, mma_sync=True),
+        "bwd_dq_d64_extra": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+        "bwd_dq_d128_extra": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+        "bwd_dq_d256_extra": dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1, mma_sync=True),
+        "bwd_dq_d64_fp32": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1),
+        "bwd_dq_d128_fp32": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1),
+        "bwd_dq_d256_fp32": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1),
+    },
+    "sm80": {
+        "fwd_d64": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
+        "fwd_d128": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+        "fwd_d256": dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=1),
+        "fwd_d64_extra": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
+        "fwd_d128_extra": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+        "fwd_d256_extra": dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=1),
+        "fwd_d64_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
+        "fwd_d128_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
+        "fwd_d256_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=2),
+        "bwd_preprocess_d64": dict(BLOCK_M=64, num_warps=4, num_stages=1),
+        "bwd_preprocess_d128": dict(BLOCK_M=32, num_warps=4, num_stages=1),
+        "bwd_preprocess_d256": dict(BLOCK_M=32, num_warps=8, num_stages=1),
+        "bwd_dkdv_d64": dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1),
+        "bwd_dkdv_d128": dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2),
+        "bwd_dkdv_d256": dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1),
+        "bwd_dkdv_d64_extra": dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1),
+        "bwd_dkdv_d128_extra": dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2),
+        "bwd_dkdv_d256_extra": dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1),
+        "bwd_dkdv_d64_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1),
+        "bwd_dkdv_d128_fp32": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
+        "bwd_dkdv_d256_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=2),
+        "bwd_dq_d64": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+        "bwd_dq_d128": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+        "bwd_dq_d256": dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1),
+        "bwd_dq_d64_extra": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+        "bwd_dq_d128_extra": dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2),
+        "bwd_dq_d256_extra": dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1),
+        "bwd_dq_d64_fp32": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1),
+        "bwd_dq_d128_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
+        "bwd_dq_d256_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
+    },
+    # The CPU interpreter: small tiles, so short test sequences still cross several blocks.
+    "interpreter": {
+        "fwd": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
+        "bwd_preprocess": dict(BLOCK_M=16, num_warps=4, num_stages=1),
+        "bwd_dkdv": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
+        "bwd_dq": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
+    },
+}
+
+
+def _arch_key(device: torch.device) -> str:
+    return config_arch(device)
+
+
+def _head_dim_bucket(block_d: int) -> int:
+    return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+
+
+def _config_name(kernel: str, block_d: int, dtype: torch.dtype, extra: bool) -> str:
+    """``<kernel>_d<bucket>[_fp32|_extra]``; the preprocess kernel only depends on the head dim."""
+    name = f"{kernel}_d{_head_dim_bucket(block_d)}"
+    if kernel == "bwd_preprocess":
+        return name
+    if dtype == torch.float32:
+        return name + "_fp32"
+    return name + "_extra" if extra else name
+
+
+def _config(kernel: str, arch: str, block_d: int, dtype: torch.dtype, extra: bool = False) -> dict[str, int]:
+    """The named config of ``kernel`` ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq") for ``arch``
+    ("sm80", "sm90" or "interpreter"): by head-dim bucket, fp32 or 16-bit inputs, and ``extra`` features (an
+    attn_mask tile or dropout's Philox rounds need registers, so they get smaller tiles)."""
+    configs = ATTENTION_CONFIGS[arch]
+    return configs[kernel] if kernel in configs else configs[_config_name(kernel, block_d, dtype, extra)]
+
+
+def _block_d(head_dim: int) -> int:
+    # tl.dot needs every dimension >= 16; other head dims are padded with masked (zero) lanes.
+    return max(16, triton.next_power_of_2(head_dim))
