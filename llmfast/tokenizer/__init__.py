@@ -12,7 +12,13 @@ from ``.tiktoken`` files, GPT-2's ``encoder.json``/``vocab.bpe`` and Hugging Fac
 """
 from llmfast.tokenizer.core import Encoding, InvalidTokenError, raise_disallowed_special_token
 from llmfast.tokenizer.hf import bytes_to_unicode, from_gpt2_files, from_tokenizer_json
-from llmfast.tokenizer.load import load_tiktoken_bpe, parse_tiktoken_bpe, save_tiktoken_bpe
+from llmfast.tokenizer.load import (
+    data_gym_to_mergeable_bpe_ranks,
+    dump_tiktoken_bpe,
+    load_tiktoken_bpe,
+    parse_tiktoken_bpe,
+    save_tiktoken_bpe,
+)
 from llmfast.tokenizer.train import train_bpe
 from llmfast.tokenizer.registry import (
     CL100K_PAT_STR,
@@ -36,6 +42,8 @@ __all__ = [
     "load_tiktoken_bpe",
     "parse_tiktoken_bpe",
     "save_tiktoken_bpe",
+    "dump_tiktoken_bpe",
+    "data_gym_to_mergeable_bpe_ranks",
     "train_bpe",
     "from_tokenizer_json",
     "from_gpt2_files",

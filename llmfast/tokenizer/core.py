@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, AbstractSet, Collection, Literal, NoReturn, Sequence
@@ -111,6 +112,8 @@ class Encoding:
         self._all_mask = b"\x01" * len(self._special_order) if self._special_order else None
         self._mask_cache: dict = {}
         self._native = self._core.has_native_pattern
+        self._native_kind = _C.recognize_pattern(pat_str) if self._native else None
+        self._sorted_bytes: list[bytes] | None = None
         self._pat = None
         if not self._native:
             import regex
@@ -200,7 +203,7 @@ class Encoding:
         *,
         allowed_special: Literal["all"] | AbstractSet[str] = _EMPTY,
         disallowed_special: Literal["all"] | Collection[str] = "all",
-    ) -> "npt.NDArray[np.uint32]":
+    ) -> npt.NDArray[np.uint32]:
         """Like :meth:`encode`, returning a ``numpy.uint32`` array (no Python list in between)."""
         allowed, disallowed, extra = self._resolve(allowed_special, disallowed_special)
         if extra:
@@ -244,6 +247,43 @@ class Encoding:
         with ThreadPoolExecutor(num_threads) as pool:
             return list(pool.map(encoder, text))
 
+    def encode_with_unstable(
+        self,
+        text: str,
+        *,
+        allowed_special: Literal["all"] | AbstractSet[str] = _EMPTY,
+        disallowed_special: Literal["all"] | Collection[str] = "all",
+    ) -> tuple[list[int], list[list[int]]]:
+        """Stable tokens of ``text`` and every token sequence that could follow them (tiktoken's API, itself marked
+        unstable there).
+
+        The stable tokens cover a prefix of ``text``; each completion, appended to them, decodes to bytes starting
+        with the whole of ``text``. Completions are sorted (tiktoken returns them in a hash set's order). See
+        :meth:`encode` for the special-token arguments; unlike tiktoken, lone surrogates are repaired as
+        :meth:`encode` repairs them rather than raising UnicodeEncodeError.
+
+        >>> enc.encode_with_unstable("hello fanta")  # doctest: +SKIP
+        ([31373], [[277, 4910], [5113, 265], ..., [8842]])
+        """
+        from llmfast.tokenizer._unstable import encode_with_unstable
+
+        tokens = self.encode(text, allowed_special=allowed_special, disallowed_special=disallowed_special)
+        return encode_with_unstable(self, tokens)
+
+    def _encode_bytes(self, text: bytes) -> list[int]:
+        """Tokens of arbitrary bytes, invalid UTF-8 included, exactly as tiktoken's ``_encode_bytes``.
+
+        Valid UTF-8 encodes as :meth:`encode_ordinary` would; otherwise the text up to the first invalid byte is
+        encoded and its last piece is byte-pair merged together with the remaining bytes.
+        """
+        if isinstance(text, (bytearray, memoryview)):
+            text = bytes(text)
+        elif not isinstance(text, bytes):
+            raise TypeError(f"text must be bytes, got {type(text).__name__}")
+        from llmfast.tokenizer._unstable import encode_bytes
+
+        return encode_bytes(self, text)
+
     def encode_single_token(self, text_or_bytes: str | bytes) -> int:
         """Id of the single (mergeable or special) token whose text is ``text_or_bytes``; KeyError if none."""
         if isinstance(text_or_bytes, str):
@@ -260,6 +300,14 @@ class Encoding:
         """Encode with the pattern run by the ``regex`` package (the reference split) and the C++ merge."""
         return self._encode_regex(text, None, force_regex=True)
 
+    def _regex(self):
+        """The pattern compiled by the ``regex`` package (compiled on first use for native patterns)."""
+        if self._pat is None:
+            import regex
+
+            self._pat = regex.compile(self._pat_str)
+        return self._pat
+
     def _check_extra(self, text: str, extra: frozenset) -> None:
         _check_text(text)
         if m := _literal_regex(extra).search(text):
@@ -272,11 +320,7 @@ class Encoding:
                 text.encode("utf-8")
             except UnicodeEncodeError:
                 text = _fix_surrogates(text)
-        pat = self._pat
-        if pat is None:
-            import regex
-
-            pat = self._pat = regex.compile(self._pat_str)
+        pat = self._regex()
         core = self._core
         if allowed is None:
             return core.encode_pieces(pat.findall(text))
@@ -336,9 +380,16 @@ class Encoding:
 
     # ------------------------------------------------------------------ vocabulary
 
+    def _sorted_token_bytes(self) -> list[bytes]:
+        # Sorted once per Encoding (a fraction of a second for 200k tokens); shared by token_byte_values and the
+        # prefix searches of encode_with_unstable. A race computes it twice, harmlessly.
+        if self._sorted_bytes is None:
+            self._sorted_bytes = sorted(self._mergeable_ranks)
+        return self._sorted_bytes
+
     def token_byte_values(self) -> list[bytes]:
-        """Bytes of every mergeable token, sorted."""
-        return sorted(self._mergeable_ranks)
+        """Bytes of every mergeable token, sorted (a new list each call, as in tiktoken)."""
+        return list(self._sorted_token_bytes())
 
     @property
     def eot_token(self) -> int:
@@ -349,6 +400,12 @@ class Encoding:
         return set(self._special_tokens)
 
     def is_special_token(self, token: int) -> bool:
+        """Whether ``token`` is the id of a special token."""
+        if not isinstance(token, int):
+            try:
+                token = operator.index(token)  # numpy integers
+            except TypeError:
+                raise TypeError(f"token must be an int, got {type(token).__name__}") from None
         return token in self._special_token_values
 
     @property
@@ -382,6 +439,12 @@ class Encoding:
     # ------------------------------------------------------------------ pickling
 
     def __getstate__(self) -> object:
+        # As tiktoken does, an encoding that get_encoding(name) returns pickles by its name (a few bytes instead of
+        # the vocabulary; the receiving process finds it the same way). Anything else pickles whole.
+        from llmfast.tokenizer import registry
+
+        if registry._is_default_encoding(self):
+            return self.name
         return {
             "name": self.name,
             "pat_str": self._pat_str,
@@ -389,5 +452,10 @@ class Encoding:
             "special_tokens": self._special_tokens,
         }
 
-    def __setstate__(self, value: dict) -> None:
+    def __setstate__(self, value: object) -> None:
+        if isinstance(value, str):
+            from llmfast.tokenizer import registry
+
+            self.__dict__ = registry.get_encoding(value).__dict__
+            return
         self.__init__(**value)

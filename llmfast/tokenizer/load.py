@@ -9,7 +9,14 @@ import os
 import tempfile
 from typing import Mapping, Union
 
-__all__ = ["load_tiktoken_bpe", "parse_tiktoken_bpe", "save_tiktoken_bpe", "read_vocabulary_file"]
+__all__ = [
+    "load_tiktoken_bpe",
+    "parse_tiktoken_bpe",
+    "save_tiktoken_bpe",
+    "dump_tiktoken_bpe",
+    "data_gym_to_mergeable_bpe_ranks",
+    "read_vocabulary_file",
+]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -72,21 +79,53 @@ def parse_tiktoken_bpe(data: bytes, source: str = "<data>") -> dict[bytes, int]:
     return ranks
 
 
-def load_tiktoken_bpe(path: PathLike, expected_hash: str | None = None) -> dict[bytes, int]:
-    """Load a ``.tiktoken`` or ``.tiktoken.gz`` file into ``{token bytes: rank}`` (tiktoken's format).
-
-    Args:
-        path: the file.
-        expected_hash: optional sha256 hex digest of the (uncompressed) content; a mismatch raises ValueError.
-    """
+def _read_checked(path: PathLike, expected_hash: str | None, arg: str) -> bytes:
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        raise TypeError(f"{arg} must be a str or os.PathLike, got {type(path).__name__}")
     data = read_vocabulary_file(path)
     if expected_hash is not None:
         actual = hashlib.sha256(data).hexdigest()
         if actual != expected_hash:
             raise ValueError(f"{os.fspath(path)} has sha256 {actual}, expected {expected_hash}")
-    return parse_tiktoken_bpe(data, source=os.fspath(path))
+    return data
+
+
+def load_tiktoken_bpe(tiktoken_bpe_file: PathLike, expected_hash: str | None = None) -> dict[bytes, int]:
+    """Load a ``.tiktoken`` or ``.tiktoken.gz`` file into ``{token bytes: rank}`` (tiktoken's format and signature;
+    a local path only, llmfast never downloads).
+
+    Args:
+        tiktoken_bpe_file: the file.
+        expected_hash: optional sha256 hex digest of the (uncompressed) content; a mismatch raises ValueError.
+    """
+    data = _read_checked(tiktoken_bpe_file, expected_hash, "tiktoken_bpe_file")
+    return parse_tiktoken_bpe(data, source=os.fspath(tiktoken_bpe_file))
+
+
+def dump_tiktoken_bpe(bpe_ranks: Mapping[bytes, int], tiktoken_bpe_file: PathLike) -> None:
+    """tiktoken's name and signature for :func:`save_tiktoken_bpe` (a local path; no ``blobfile`` needed)."""
+    save_tiktoken_bpe(bpe_ranks, tiktoken_bpe_file)
+
+
+def data_gym_to_mergeable_bpe_ranks(
+    vocab_bpe_file: PathLike,
+    encoder_json_file: PathLike,
+    vocab_bpe_hash: str | None = None,
+    encoder_json_hash: str | None = None,
+    clobber_one_byte_tokens: bool = False,
+) -> dict[bytes, int]:
+    """Mergeable ranks from GPT-2's ``vocab.bpe`` + ``encoder.json`` (tiktoken's signature; local paths only).
+
+    The ranks are encoder.json's ids, checked against the merges, so ``clobber_one_byte_tokens`` (tiktoken's switch
+    for taking the single bytes' ranks from encoder.json) changes nothing here; it is accepted for compatibility.
+    Raises ValueError for a hash mismatch or files that disagree.
+    """
+    from llmfast.tokenizer.hf import gpt2_ranks_from_files
+
+    _read_checked(vocab_bpe_file, vocab_bpe_hash, "vocab_bpe_file")
+    _read_checked(encoder_json_file, encoder_json_hash, "encoder_json_file")
+    del clobber_one_byte_tokens
+    return gpt2_ranks_from_files(encoder_json_file, vocab_bpe_file)
 
 
 def save_tiktoken_bpe(mergeable_ranks: Mapping[bytes, int], path: PathLike) -> None:

@@ -25,6 +25,7 @@ from typing import Callable
 
 from llmfast.tokenizer.core import Encoding
 from llmfast.tokenizer.load import parse_tiktoken_bpe, read_vocabulary_file
+from llmfast.tokenizer.model import encoding_for_model, encoding_name_for_model
 
 __all__ = [
     "get_encoding",
@@ -138,39 +139,6 @@ _SPECS: dict[str, _Spec] = {
     "o200k_harmony": _Spec(_O200K, O200K_PAT_STR, _o200k_harmony_specials),
 }
 
-# Model name -> encoding (exact names first, then prefixes), for the common OpenAI models.
-_MODEL_TO_ENCODING = {
-    "gpt2": "gpt2",
-    "davinci": "r50k_base",
-    "text-davinci-003": "p50k_base",
-    "text-davinci-002": "p50k_base",
-    "code-davinci-002": "p50k_base",
-    "text-davinci-edit-001": "p50k_edit",
-    "gpt-3.5-turbo": "cl100k_base",
-    "gpt-4": "cl100k_base",
-    "text-embedding-ada-002": "cl100k_base",
-    "text-embedding-3-small": "cl100k_base",
-    "text-embedding-3-large": "cl100k_base",
-    "gpt-4o": "o200k_base",
-    "gpt-oss-120b": "o200k_harmony",
-    "gpt-oss-20b": "o200k_harmony",
-}
-_MODEL_PREFIX_TO_ENCODING = [
-    ("gpt-oss-", "o200k_harmony"),
-    ("gpt-4o-", "o200k_base"),
-    ("gpt-4.1", "o200k_base"),
-    ("gpt-4.5", "o200k_base"),
-    ("gpt-5", "o200k_base"),
-    ("o1", "o200k_base"),
-    ("o3", "o200k_base"),
-    ("o4", "o200k_base"),
-    ("chatgpt-4o-", "o200k_base"),
-    ("gpt-4-", "cl100k_base"),
-    ("gpt-3.5-turbo-", "cl100k_base"),
-    ("gpt-35-turbo", "cl100k_base"),
-]
-
-
 class VocabularyNotFoundError(FileNotFoundError):
     """No vocabulary file for a named encoding was found offline; the message says where we looked."""
 
@@ -178,21 +146,6 @@ class VocabularyNotFoundError(FileNotFoundError):
 def list_encoding_names() -> list[str]:
     """Names accepted by :func:`get_encoding`."""
     return list(_SPECS)
-
-
-def encoding_name_for_model(model_name: str) -> str:
-    """The encoding name a model uses (KeyError for an unknown model)."""
-    if model_name in _MODEL_TO_ENCODING:
-        return _MODEL_TO_ENCODING[model_name]
-    for prefix, name in _MODEL_PREFIX_TO_ENCODING:
-        if model_name.startswith(prefix):
-            return name
-    raise KeyError(f"Could not automatically map {model_name!r} to an encoding; use get_encoding(name) instead")
-
-
-def encoding_for_model(model_name: str, directory: str | os.PathLike | None = None) -> Encoding:
-    """The :class:`Encoding` a model uses."""
-    return get_encoding(encoding_name_for_model(model_name), directory=directory)
 
 
 def _tiktoken_cache_dir() -> str | None:
@@ -292,6 +245,19 @@ def _load_candidate(path: str, kind: str, strict: bool, vocab: _VocabFile) -> di
 
 _lock = threading.Lock()
 _cache: dict[tuple, Encoding] = {}
+
+
+def _is_default_encoding(enc: Encoding) -> bool:
+    """Whether ``enc`` is what ``get_encoding(enc.name)`` returns now (pickling then sends only the name)."""
+    if enc.name not in _SPECS:
+        return False
+    with _lock:
+        if not any(e is enc for e in _cache.values()):
+            return False
+    try:
+        return get_encoding(enc.name) is enc
+    except (OSError, ValueError):
+        return False
 
 
 def get_encoding(encoding_name: str, directory: str | os.PathLike | None = None) -> Encoding:
