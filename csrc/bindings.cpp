@@ -33,6 +33,8 @@ using llmfast::Encoder;
 using llmfast::Rank;
 
 PyObject* g_invalid_token_error = nullptr;
+// An id that does not fit a uint32 (negative, huge): also an OverflowError, which tiktoken raises for those.
+PyObject* g_token_out_of_range_error = nullptr;
 
 std::string type_name(py::handle obj) { return Py_TYPE(obj.ptr())->tp_name; }
 
@@ -95,7 +97,7 @@ Rank rank_of(py::handle value, const char* what) {
 std::vector<Rank> read_ids(py::handle tokens, const char* arg) {
     std::vector<Rank> ids;
     auto bad_id = [&](size_t i, const std::string& value) {
-        PyErr_SetString(g_invalid_token_error, ("token id " + value + " at position " + std::to_string(i) + " of " +
+        PyErr_SetString(g_token_out_of_range_error, ("token id " + value + " at position " + std::to_string(i) + " of " +
                                                 arg + " is not in the vocabulary")
                                                    .c_str());
         throw py::error_already_set();
@@ -445,9 +447,9 @@ class CoreBPE {
         int overflow = 0;
         const long long v = PyLong_AsLongLongAndOverflow(token.ptr(), &overflow);
         std::string_view out;
-        if (overflow || v < 0 || v >= static_cast<long long>(llmfast::kNoRank) ||
-            !encoder_->token_bytes(static_cast<Rank>(v), out)) {
-            PyErr_SetString(g_invalid_token_error, ("token id " + py::str(token).cast<std::string>() +
+        const bool out_of_range = overflow || v < 0 || v >= static_cast<long long>(llmfast::kNoRank);
+        if (out_of_range || !encoder_->token_bytes(static_cast<Rank>(v), out)) {
+            PyErr_SetString(out_of_range ? g_token_out_of_range_error : g_invalid_token_error, ("token id " + py::str(token).cast<std::string>() +
                                                     " is not in the vocabulary")
                                                        .c_str());
             throw py::error_already_set();
@@ -470,6 +472,12 @@ PYBIND11_MODULE(_C, m) {
         py::make_tuple(py::handle(PyExc_ValueError), py::handle(PyExc_KeyError)).release().ptr(), nullptr);
     if (!g_invalid_token_error) throw py::error_already_set();
     m.attr("InvalidTokenError") = py::handle(g_invalid_token_error);
+    g_token_out_of_range_error = PyErr_NewExceptionWithDoc(
+        "llmfast._C.TokenOutOfRangeError",
+        "A token id outside [0, 2**32 - 2]: an InvalidTokenError and an OverflowError (tiktoken raises OverflowError).",
+        py::make_tuple(py::handle(g_invalid_token_error), py::handle(PyExc_OverflowError)).release().ptr(), nullptr);
+    if (!g_token_out_of_range_error) throw py::error_already_set();
+    m.attr("TokenOutOfRangeError") = py::handle(g_token_out_of_range_error);
 
     // C++ exceptions from the core become ValueError; pybind11's own exceptions pass through to its translator.
     py::register_exception_translator([](std::exception_ptr p) {

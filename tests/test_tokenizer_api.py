@@ -263,6 +263,18 @@ def test_exceptions_match_tiktokens(pair):
         assert got[0] == expected[0], (i, got, expected)
         if got[0] in ("ok", "ValueError"):  # the disallowed-special message is word for word tiktoken's
             assert got == expected, i
+    # Ids that do not fit tiktoken's uint32 raise OverflowError there; here an error that is also a KeyError/ValueError.
+    for bad in (-1, 2**32, 2**70):
+        for call in (lambda e: e.decode([1, bad]), lambda e: e.decode_bytes([bad]),
+                     lambda e: e.decode_single_token_bytes(bad), lambda e: e.decode_tokens_bytes([bad]),
+                     lambda e: e.decode_batch([[1], [bad]]), lambda e: e.decode_bytes_batch([[bad]])):
+            for enc in (ours, ref):
+                with pytest.raises(OverflowError):
+                    call(enc)
+            with pytest.raises(lt.TokenOutOfRangeError):
+                call(ours)
+    with pytest.raises(OverflowError):
+        ours.decode(np.array([5, -2], dtype=np.int64))
     with pytest.raises(UnicodeDecodeError):
         ours.decode_with_offsets(ours.encode("🎉")[:1])
     with pytest.raises(UnicodeDecodeError):

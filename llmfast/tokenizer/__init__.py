@@ -10,7 +10,7 @@ and decoding run in C++ with the GIL released; other patterns run through the ``
 from ``.tiktoken`` files, GPT-2's ``encoder.json``/``vocab.bpe`` and Hugging Face ``tokenizer.json``, and
 :func:`train_bpe` trains new ones.
 """
-from llmfast.tokenizer.core import Encoding, InvalidTokenError, raise_disallowed_special_token
+from llmfast.tokenizer.core import Encoding, InvalidTokenError, TokenOutOfRangeError, raise_disallowed_special_token
 from llmfast.tokenizer.hf import bytes_to_unicode, from_gpt2_files, from_tokenizer_json
 from llmfast.tokenizer.load import (
     data_gym_to_mergeable_bpe_ranks,
@@ -34,6 +34,7 @@ from llmfast.tokenizer.registry import (
 __all__ = [
     "Encoding",
     "InvalidTokenError",
+    "TokenOutOfRangeError",
     "VocabularyNotFoundError",
     "get_encoding",
     "list_encoding_names",

@@ -13,10 +13,13 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-__all__ = ["Encoding", "InvalidTokenError"]
+__all__ = ["Encoding", "InvalidTokenError", "TokenOutOfRangeError"]
 
 #: Raised for a token id that is not in the vocabulary; a ValueError and a KeyError (tiktoken raises KeyError).
 InvalidTokenError = _C.InvalidTokenError
+#: Raised for an id outside [0, 2**32 - 2] (negative, huge): an InvalidTokenError and an OverflowError, as tiktoken
+#: raises OverflowError for ids that do not fit its uint32.
+TokenOutOfRangeError = _C.TokenOutOfRangeError
 
 _EMPTY: frozenset = frozenset()
 _MASK_CACHE_SIZE = 64
