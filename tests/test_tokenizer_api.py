@@ -435,3 +435,18 @@ def test_semi_private_encoders_on_real_text(pair):
     for word in ["helloqqqq", " antidisestablishmentarianism", "日本語のテキスト", "\n\n\n   "]:
         assert ours._encode_single_piece(word) == ref._encode_single_piece(word)
         assert ours._encode_single_piece(word.encode()) == ref._encode_single_piece(word.encode())
+
+
+def test_unstable_and_bytes_with_a_pattern_run_by_regex():
+    # A pattern the C++ scanners do not know: the last piece comes from the ``regex`` package's split.
+    base, _ = encodings("cl100k")
+    pat = r"\w+|[^\w\s]+|\s+"
+    ours = Encoding("custom", pat_str=pat, mergeable_ranks=base.mergeable_ranks, special_tokens=base.special_tokens)
+    ref = tiktoken.Encoding("custom", pat_str=pat, mergeable_ranks=base.mergeable_ranks,
+                            special_tokens=base.special_tokens)
+    assert not ours.has_native_pretokenizer
+    for text in ["hello fanta", "tail  ", "a.b", "x <|endoftext|> y", "日本語の", "x\n\n"]:
+        assert_unstable_matches(ours, ref, text, allowed_special="all")
+        for cut in range(3):
+            data = text.encode()[: len(text.encode()) - cut] + b"\xff"
+            assert ours._encode_bytes(data) == ref._encode_bytes(data), data
