@@ -251,11 +251,12 @@ def _is_default_encoding(enc: Encoding) -> bool:
     """Whether ``enc`` is what ``get_encoding(enc.name)`` returns now (pickling then sends only the name)."""
     if enc.name not in _SPECS:
         return False
+    # An encoding unpickled by name shares the registered one's __dict__, so it pickles by name again.
     with _lock:
-        if not any(e is enc for e in _cache.values()):
+        if not any(e is enc or e.__dict__ is enc.__dict__ for e in _cache.values()):
             return False
     try:
-        return get_encoding(enc.name) is enc
+        return get_encoding(enc.name).__dict__ is enc.__dict__
     except (OSError, ValueError):
         return False
 
