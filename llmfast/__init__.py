@@ -25,6 +25,7 @@ _LAZY = {
     "masked_softmax": "llmfast.ops.softmax",
     "cross_entropy": "llmfast.ops.cross_entropy",
     "fused_linear_cross_entropy": "llmfast.ops.cross_entropy",
+    "CrossEntropyOutput": "llmfast.ops.cross_entropy",
 }
 
 
@@ -52,4 +53,5 @@ __all__ = [
     "masked_softmax",
     "cross_entropy",
     "fused_linear_cross_entropy",
+    "CrossEntropyOutput",
 ]

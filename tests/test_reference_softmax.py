@@ -91,9 +91,11 @@ def test_cross_entropy_matches_math(reduction, eps):
     logits = torch.randn(6, 11, dtype=torch.float64) * 3
     target = torch.tensor([3, -100, 0, 10, 7, -100])
     want = _ce_math(logits, target, -100, reduction, eps)
-    torch.testing.assert_close(ref_ce.cross_entropy(logits, target, -100, reduction, eps), want, rtol=1e-12, atol=0)
+    got = ref_ce.cross_entropy(logits, target, ignore_index=-100, reduction=reduction, label_smoothing=eps)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
     all_ignored = torch.full((6,), -100)
-    torch.testing.assert_close(ref_ce.cross_entropy(logits, all_ignored, -100, reduction, eps),
+    torch.testing.assert_close(ref_ce.cross_entropy(logits, all_ignored, ignore_index=-100, reduction=reduction,
+                                                    label_smoothing=eps),
                                _ce_math(logits, all_ignored, -100, reduction, eps), equal_nan=True)
 
 
@@ -104,7 +106,7 @@ def test_linear_cross_entropy_matches_math():
     logits = torch.tensor([[math.fsum(h * w for h, w in zip(hr, wr)) + b for wr, b in zip(weight.tolist(),
                                                                                        bias.tolist())]
                            for hr in hidden.tolist()], dtype=torch.float64)
-    torch.testing.assert_close(ref_ce.fused_linear_cross_entropy(hidden, weight, target, bias, -100, "mean", 0.1),
+    torch.testing.assert_close(ref_ce.fused_linear_cross_entropy(hidden, weight, target, bias, label_smoothing=0.1),
                                _ce_math(logits, target, -100, "mean", 0.1), rtol=1e-12, atol=0)
 
 
@@ -118,9 +120,10 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(lambda t: ref.masked_softmax(t, keep, 0.5, causal=True), (x,))
     assert torch.autograd.gradcheck(lambda t, m: ref.masked_softmax(t, m, 2.0), (x, add))
     target = torch.tensor([4, -100, 0])
-    assert torch.autograd.gradcheck(lambda t: ref_ce.cross_entropy(t, target, -100, "mean", 0.2), (x,))
+    assert torch.autograd.gradcheck(lambda t: ref_ce.cross_entropy(t, target, label_smoothing=0.2), (x,))
     hidden = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda h, w, b: ref_ce.fused_linear_cross_entropy(h, w, target, b, -100, "sum", 0.1), (hidden, weight, bias))
+        lambda h, w, b: ref_ce.fused_linear_cross_entropy(h, w, target, b, reduction="sum",
+                                                             label_smoothing=0.1), (hidden, weight, bias))
