@@ -450,3 +450,43 @@ def test_unstable_and_bytes_with_a_pattern_run_by_regex():
         for cut in range(3):
             data = text.encode()[: len(text.encode()) - cut] + b"\xff"
             assert ours._encode_bytes(data) == ref._encode_bytes(data), data
+
+
+def _user_code(tk, base):
+    """Code written against tiktoken (its README's extension recipe, the OpenAI cookbook's token counting), run
+    unchanged with ``tk`` as the tiktoken module and ``base`` as what ``tk.get_encoding("cl100k_base")`` returns."""
+    enc = tk.Encoding(
+        name="cl100k_im",
+        pat_str=base._pat_str,
+        mergeable_ranks=base._mergeable_ranks,
+        special_tokens={**base._special_tokens, "<|im_start|>": 100264, "<|im_end|>": 100265},
+    )
+    messages = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Héllo, 世界! 🎉"}]
+    num_tokens = 0
+    for message in messages:
+        num_tokens += 3
+        for value in message.values():
+            num_tokens += len(enc.encode(value))
+    chat = "<|im_start|>user\nhi<|im_end|>"
+    try:
+        enc.encode(chat)
+        raised = None
+    except ValueError as e:
+        raised = str(e)
+    return (
+        num_tokens + 3,
+        enc.encode(chat, allowed_special={"<|im_start|>", "<|im_end|>"}),
+        enc.encode(chat, disallowed_special=()),
+        raised,
+        enc.decode(enc.encode(chat, allowed_special="all")),
+        [enc.decode_single_token_bytes(t) for t in enc.encode("tokens")],
+        enc.n_vocab,
+        sorted(enc.special_tokens_set),
+        enc.encode_batch(["a b", "c d"], num_threads=2),
+    )
+
+
+def test_code_written_for_tiktoken_runs_unchanged():
+    ours, ref = encodings("cl100k")
+    assert _user_code(lt, ours) == _user_code(tiktoken, ref)
+    assert lt.encoding_name_for_model("gpt-4o") == "o200k_base"
