@@ -14,7 +14,7 @@ import collections
 import contextlib
 import contextvars
 import os
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 
@@ -24,6 +24,8 @@ _selected: contextvars.ContextVar[str | None] = contextvars.ContextVar("llmfast_
 
 # How many times each Triton kernel was launched: lets tests prove the Triton path ran, not a fallback.
 _kernel_launches: collections.Counter[str] = collections.Counter()
+# The config (tile sizes, warps...) of each kernel's latest launch: lets tests prove which tile really ran.
+_last_launch_configs: dict[str, dict[str, object]] = {}
 
 
 def _check_name(name: object, source: str) -> str:
@@ -109,8 +111,17 @@ def _resolve(op: str, tensor: torch.Tensor) -> str:
     return "triton" if tensor.device.type == "cuda" and triton_available() else "torch"
 
 
-def record_kernel_launch(kernel: str) -> None:
+def record_kernel_launch(kernel: str, config: Mapping[str, object] | None = None) -> None:
+    """Count one launch of ``kernel``; ``config`` (its tile sizes, warps...) is kept as the latest launch's."""
     _kernel_launches[kernel] += 1
+    if config is not None:
+        _last_launch_configs[kernel] = dict(config)
+
+
+def last_launch_config(kernel: str) -> dict[str, object] | None:
+    """The config recorded with ``kernel``'s latest launch (None if it never ran or recorded none)."""
+    config = _last_launch_configs.get(kernel)
+    return dict(config) if config is not None else None
 
 
 def kernel_launch_counts() -> dict[str, int]:
@@ -120,3 +131,4 @@ def kernel_launch_counts() -> dict[str, int]:
 
 def reset_kernel_launch_counts() -> None:
     _kernel_launches.clear()
+    _last_launch_configs.clear()

@@ -263,3 +263,62 @@ def test_fp32_uses_ieee_unless_tf32_is_allowed():
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
     assert flags == [True, False]
+
+
+# ---------------------------------------------------------------------------------------------- shipped tiles
+
+@pytest.mark.parametrize("arch", ["interpreter", "sm80", "sm90"])
+def test_config_arch_variable_picks_the_launched_tile(arch, monkeypatch):
+    # LLMFAST_CONFIG_ARCH (read at every launch) decides which architecture's named config runs, here in the
+    # interpreter: the tile recorded at launch is that arch's config, not the interpreter's 16 x 16.
+    monkeypatch.setenv("LLMFAST_CONFIG_ARCH", arch)
+    q, k, v = (torch.randn(1, 2, 40, 64, dtype=F16, requires_grad=True) for _ in range(3))
+    with llmfast.backend("triton"):
+        out = llmfast.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out.backward(torch.randn_like(out))
+    for kernel, key in (("fwd", "attention_fwd"), ("bwd_dkdv", "attention_bwd_dkdv"), ("bwd_dq", "attention_bwd_dq")):
+        want = attn._config(kernel, arch, 64, F16, False)
+        launched = llmfast._backend.last_launch_config(key)
+        assert launched == want, f"{key}: launched {launched}, {arch} ships {want}"
+    fwd = llmfast._backend.last_launch_config("attention_fwd")
+    if arch == "interpreter":
+        assert (fwd["BLOCK_M"], fwd["BLOCK_N"]) == (16, 16)
+    else:
+        assert fwd["BLOCK_M"] >= 64 and fwd["BLOCK_M"] * fwd["BLOCK_N"] > 16 * 16
+
+
+# Shapes long enough to cross the shipped tiles' blocks (up to 128 query rows, 64-128 keys): several query blocks,
+# a partial last block, causal diagonals that cut through blocks, in each config bucket (d64 / d128, plain,
+# "_extra" with a mask or dropout, fp32). Under LLMFAST_CONFIG_ARCH=sm80/sm90 (a CI step) they check the tiles a
+# GPU would run; in the interpreter's default 16 x 16 tiles they are one more awkward-shape test.
+SHIPPED_TILE_CASES = [
+    # (dtype, head_dim, Sq, Sk, kind)
+    (F16, 64, 300, 300, "causal"),
+    (BF16, 128, 200, 263, "causal"),
+    (F16, 96, 150, 150, "full"),
+    (BF16, 64, 141, 170, "mask"),
+    (F16, 128, 150, 150, "window"),
+    (F32, 64, 140, 140, "causal"),
+]
+
+
+@pytest.mark.parametrize("dtype,head_dim,seqlen_q,seqlen_k,kind", SHIPPED_TILE_CASES, ids=str)
+def test_shipped_tiles_cross_their_blocks(dtype, head_dim, seqlen_q, seqlen_k, kind):
+    q = torch.randn(1, seqlen_q, 2, head_dim, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(1, seqlen_k, 1, head_dim, dtype=dtype, requires_grad=True) for _ in range(2))
+    if kind == "mask":
+        mask = torch.randn(1, 1, seqlen_q, seqlen_k, dtype=dtype).requires_grad_()
+
+        def call(q, k, v, m):
+            return llmfast.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                        attn_mask=m, enable_gqa=True)
+
+        compare(call, call, [q, k, v, mask])
+        return
+    causal, window = kind == "causal", (37, 11) if kind == "window" else (-1, -1)
+
+    def call(q, k, v):
+        out, lse, _ = llmfast.flash_attn_func(q, k, v, causal=causal, window_size=window, return_attn_probs=True)
+        return out, lse
+
+    compare(call, call, [q, k, v])

@@ -15,6 +15,8 @@ import torch
 from .. import _backend
 
 CONFIG_ARCHES = ("sm80", "sm90", "interpreter")
+# Streaming multiprocessors of the reference cards (A100, H100 SXM): what a forced arch assumes away from its card.
+NOMINAL_SM_COUNT = {"sm80": 108, "sm90": 132}
 
 
 def config_arch(device: torch.device) -> str:
@@ -28,3 +30,13 @@ def config_arch(device: torch.device) -> str:
         return "interpreter"
     major, _ = torch.cuda.get_device_capability(device)
     return "sm90" if major >= 9 else "sm80"
+
+
+def multiprocessor_count(device: torch.device, arch: str) -> int | None:
+    """SMs a launch on ``device`` should fill under config ``arch``: the card's own on a GPU, the reference card's
+    when an arch is forced elsewhere, None for the interpreter."""
+    if arch == "interpreter":
+        return None
+    if device.type == "cuda" and not _backend.triton_interpreter_enabled():
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return NOMINAL_SM_COUNT[arch]

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from llmfast import _backend, _validation
+from llmfast.ops._arch import config_arch, multiprocessor_count
 from llmfast.ops._spec import KernelSpec
 from llmfast.reference import softmax as reference
 
@@ -53,6 +54,8 @@ class Tile:
     num_warps: int
 
 
+# These tiles serve every architecture and the interpreter alike (the tests run the shipped tiles); the config
+# arch (llmfast.ops._arch.config_arch, LLMFAST_CONFIG_ARCH) only sets how many programs the looped kernels aim for.
 # Rows along the last dim (columns contiguous): several short rows per program (2048 elements), then one row per
 # program with more warps as rows grow, 16-32 values per thread. Rows shorter than 16 use the 16-column tile.
 # A 32768-column row spills on sm_90 even at 16 or 32 warps, so longer rows take the looped kernels.
@@ -472,12 +475,16 @@ def pick_tile(n_cols: int, strided: bool, masked: bool = False) -> tuple[str, Ti
     return "looped_row", LOOPED_TILES["looped_row"], True
 
 
+def target_programs(device: torch.device) -> int:
+    """Programs the looped kernels aim for on ``device``: PROGRAMS_PER_SM per SM of the config arch's card
+    (``LLMFAST_CONFIG_ARCH`` forces one), INTERPRETER_PROGRAMS in the interpreter."""
+    sms = multiprocessor_count(device, config_arch(device))
+    return INTERPRETER_PROGRAMS if sms is None else PROGRAMS_PER_SM * sms
+
+
 def _segments(n_row_programs: int, n_cols: int, block_c: int, device: torch.device) -> tuple[int, int]:
     """(segments per row, columns per segment) for the looped kernels: enough programs to fill the device."""
-    if device.type == "cuda":
-        target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = INTERPRETER_PROGRAMS
+    target = target_programs(device)
     n_blocks = triton.cdiv(n_cols, block_c)
     wanted = min(MAX_SEGMENTS, n_blocks, max(1, triton.cdiv(target, n_row_programs)))
     segment_len = triton.cdiv(n_blocks, wanted) * block_c
@@ -492,6 +499,10 @@ def _is_strided(rows: _Rows, tensor: int) -> bool:
 
 def _grid_rows(rows: _Rows, tile: Tile) -> int:
     return rows.n_outer * rows.n_mid * triton.cdiv(rows.n_inner, tile.block_r)
+
+
+def _launch_config(tile: Tile, n_segments: int = 1) -> dict[str, int]:
+    return {"BLOCK_R": tile.block_r, "BLOCK_C": tile.block_c, "num_warps": tile.num_warps, "segments": n_segments}
 
 
 def _as_kernel_arg(t: torch.Tensor) -> torch.Tensor:
@@ -512,7 +523,7 @@ def _run_forward(x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None, 
     row_programs = _grid_rows(rows, tile)
     common = {"scale": float(scale), "causal": int(causal), "q_len": max(1, q_len)}
     if not looped:
-        _backend.record_kernel_launch(f"{op}_fwd")
+        _backend.record_kernel_launch(f"{op}_fwd", _launch_config(tile))
         _softmax_fwd_kernel[(row_programs,)](
             out, x, mask_arg, rows.n_mid, rows.n_inner, rows.n_cols,
             *rows.strides[0], *rows.strides[1], *mask_strides, **common, zero_empty_rows=int(zero_empty_rows),
@@ -525,12 +536,12 @@ def _run_forward(x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None, 
         seg_max = torch.empty(rows.n_outer * rows.n_mid * rows.n_inner * n_segments, device=x.device,
                               dtype=torch.float32)
         seg_sum = torch.empty_like(seg_max)
-        _backend.record_kernel_launch(f"{op}_fwd_looped_stats")
+        _backend.record_kernel_launch(f"{op}_fwd_looped_stats", _launch_config(tile, n_segments))
         _softmax_fwd_stats_kernel[grid](
             seg_max, seg_sum, x, mask_arg, rows.n_mid, rows.n_inner, rows.n_cols, n_segments, segment_len,
             *rows.strides[0], *mask_strides, **common,
             BLOCK_R=tile.block_r, BLOCK_C=tile.block_c, MASK_MODE=mask_mode, num_warps=tile.num_warps)
-    _backend.record_kernel_launch(f"{op}_fwd_looped")
+    _backend.record_kernel_launch(f"{op}_fwd_looped", _launch_config(tile, n_segments))
     _softmax_fwd_looped_kernel[grid](
         out, x, mask_arg, seg_max, seg_sum, rows.n_mid, rows.n_inner, rows.n_cols, n_segments, segment_len,
         *rows.strides[0], *rows.strides[1], *mask_strides, **common, zero_empty_rows=int(zero_empty_rows),
@@ -546,7 +557,7 @@ def _run_backward(y: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, *, op: st
     _, tile, looped = pick_tile(rows.n_cols, _is_strided(rows, 1))
     row_programs = _grid_rows(rows, tile)
     if not looped:
-        _backend.record_kernel_launch(f"{op}_bwd")
+        _backend.record_kernel_launch(f"{op}_bwd", _launch_config(tile))
         _softmax_bwd_kernel[(row_programs,)](
             dx, y, dy, rows.n_mid, rows.n_inner, rows.n_cols, *rows.strides[0], *rows.strides[1], *rows.strides[2],
             float(scale), BLOCK_R=tile.block_r, BLOCK_C=tile.block_c, LOG=log, num_warps=tile.num_warps)
@@ -557,11 +568,11 @@ def _run_backward(y: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, *, op: st
     if n_segments > 1:
         dot = torch.empty(rows.n_outer * rows.n_mid * rows.n_inner * n_segments, device=y.device,
                           dtype=torch.float32)
-        _backend.record_kernel_launch(f"{op}_bwd_looped_stats")
+        _backend.record_kernel_launch(f"{op}_bwd_looped_stats", _launch_config(tile, n_segments))
         _softmax_bwd_stats_kernel[grid](
             dot, y, dy, rows.n_mid, rows.n_inner, rows.n_cols, n_segments, segment_len, *rows.strides[1],
             *rows.strides[2], BLOCK_R=tile.block_r, BLOCK_C=tile.block_c, LOG=log, num_warps=tile.num_warps)
-    _backend.record_kernel_launch(f"{op}_bwd_looped")
+    _backend.record_kernel_launch(f"{op}_bwd_looped", _launch_config(tile, n_segments))
     _softmax_bwd_looped_kernel[grid](
         dx, y, dy, dot, rows.n_mid, rows.n_inner, rows.n_cols, n_segments, segment_len, *rows.strides[0],
         *rows.strides[1], *rows.strides[2], float(scale), int(n_segments > 1), BLOCK_R=tile.block_r,

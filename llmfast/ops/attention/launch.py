@@ -113,7 +113,7 @@ def _forward_impl(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
         return out.zero_(), lse.fill_(-math.inf)
     cfg = _config("fwd", _arch_key(q.device), max(pb.block_d, pb.block_dv), q.dtype, pb.extra)
     grid = (pb.batch * pb.num_heads, triton.cdiv(pb.seqlen_q, cfg["BLOCK_M"]))
-    _backend.record_kernel_launch("attention_fwd")
+    _backend.record_kernel_launch("attention_fwd", cfg)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, pb.mask, pb.cu_q, pb.cu_k,
         *_bhs_strides(q, layout), *_bhs_strides(k, layout), *_bhs_strides(v, layout), *_bhs_strides(out, layout),
@@ -153,7 +153,7 @@ def _backward_impl(dout, dlse, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens
     dlse = dlse.contiguous() if has_dlse else lse
     arch = _arch_key(q.device)
     pre = _config("bwd_preprocess", arch, pb.block_dv, q.dtype)
-    _backend.record_kernel_launch("attention_bwd_preprocess")
+    _backend.record_kernel_launch("attention_bwd_preprocess", pre)
     _attn_bwd_preprocess_kernel[(pb.batch * pb.num_heads, triton.cdiv(pb.seqlen_q, pre["BLOCK_M"]))](
         out, dout, dlse, delta, pb.cu_q, *_bhs_strides(out, layout), *_bhs_strides(dout, layout),
         *_lse_strides(lse, layout), pb.num_heads, pb.seqlen_q,
@@ -163,7 +163,7 @@ def _backward_impl(dout, dlse, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens
 
     common = (pb.window_left, pb.window_right, pb.dropout_p, pb.seed)
     cfg = _config("bwd_dkdv", arch, max(pb.block_d, pb.block_dv), q.dtype, pb.extra)
-    _backend.record_kernel_launch("attention_bwd_dkdv")
+    _backend.record_kernel_launch("attention_bwd_dkdv", cfg)
     _attn_bwd_dkdv_kernel[(pb.batch * pb.num_kv_heads, triton.cdiv(pb.seqlen_k, cfg["BLOCK_N"]))](
         q, k, v, dout, lse, delta, dk, dv, pb.mask, pb.cu_q, pb.cu_k,
         *_bhs_strides(q, layout), *_bhs_strides(k, layout), *_bhs_strides(v, layout),
@@ -178,7 +178,7 @@ def _backward_impl(dout, dlse, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens
     ds = (torch.zeros((pb.batch, pb.num_heads, pb.seqlen_q, pb.seqlen_k), dtype=torch.float32, device=q.device)
           if mask_needs_grad else lse)
     cfg = _config("bwd_dq", arch, max(pb.block_d, pb.block_dv), q.dtype, pb.extra)
-    _backend.record_kernel_launch("attention_bwd_dq")
+    _backend.record_kernel_launch("attention_bwd_dq", cfg)
     _attn_bwd_dq_kernel[(pb.batch * pb.num_heads, triton.cdiv(pb.seqlen_q, cfg["BLOCK_M"]))](
         q, k, v, dout, lse, delta, dq, ds, pb.mask, pb.cu_q, pb.cu_k,
         *_bhs_strides(q, layout), *_bhs_strides(k, layout), *_bhs_strides(v, layout),
