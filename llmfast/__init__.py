@@ -26,6 +26,8 @@ _LAZY = {
     "cross_entropy": "llmfast.ops.cross_entropy",
     "fused_linear_cross_entropy": "llmfast.ops.cross_entropy",
     "CrossEntropyOutput": "llmfast.ops.cross_entropy",
+    "rms_norm": "llmfast.ops.rms_norm",
+    "layer_norm": "llmfast.ops.layer_norm",
 }
 
 
@@ -54,4 +56,6 @@ __all__ = [
     "cross_entropy",
     "fused_linear_cross_entropy",
     "CrossEntropyOutput",
+    "rms_norm",
+    "layer_norm",
 ]

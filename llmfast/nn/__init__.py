@@ -1,6 +1,7 @@
 """Modules over the public ops: drop-in where torch.nn has an equivalent, with torch's constructor arguments."""
 from llmfast.nn.attention import CausalSelfAttention, KVCache
 from llmfast.nn.cross_entropy import CrossEntropyLoss, FusedLinearCrossEntropyLoss
+from llmfast.nn.normalization import LayerNorm, RMSNorm
 from llmfast.nn.softmax import LogSoftmax, Softmax
 from llmfast.nn.transformer import MLP, Block
 
@@ -10,7 +11,9 @@ __all__ = [
     "CrossEntropyLoss",
     "FusedLinearCrossEntropyLoss",
     "KVCache",
+    "LayerNorm",
     "LogSoftmax",
     "MLP",
+    "RMSNorm",
     "Softmax",
 ]

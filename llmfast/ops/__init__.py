@@ -8,4 +8,6 @@ KERNEL_MODULES = (
     "llmfast.ops.softmax",
     "llmfast.ops.cross_entropy",
     "llmfast.ops.attention",
+    "llmfast.ops.rms_norm",
+    "llmfast.ops.layer_norm",
 )
