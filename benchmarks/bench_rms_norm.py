@@ -1,15 +1,15 @@
 """RMSNorm speed: llmfast vs torch's F.rms_norm vs the pure-PyTorch reference, eager and torch.compile'd.
 
 pytest-benchmark times llmfast on the ``auto`` backend (the Triton kernels on CUDA, torch's math on the CPU); the
-peers are timed next to it with ``median_seconds`` and land in ``benchmark.extra_info``:
+peers are timed next to it with ``time_peer`` and land in ``benchmark.extra_info``:
 
 * ``gbps``: llmfast's effective bandwidth counting each tensor element read once and written once (forward: x in,
   y out, plus residual in and h out with ``residual``; backward: x (h), dy (and dh) in, dx out), the weight and
   the per-row statistics not counted.
 * ``<peer>_ms``, ``<peer>_gbps``, ``speedup_vs_<peer>`` (peer time / llmfast time: above 1 means llmfast is
   faster) for ``torch`` (``F.rms_norm``, after ``x + residual`` for the residual case), ``reference`` (llmfast's
-  reference, eager) and ``compiled_reference`` (the reference through ``torch.compile``; full runs only, the
-  smoke run skips its compile).
+  reference, eager) and ``torch_compile`` (the reference through ``torch.compile``; full runs only,
+  the smoke run skips its compile).
 * On a GPU, ``copy_gbps`` (a device-to-device copy of the same bytes, same card) and
   ``fraction_of_copy_bandwidth`` = gbps / copy_gbps (issue #11's target: >= 0.9 forward, >= 0.8 forward+backward
   at hidden sizes 4096-8192).
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import llmfast
 from llmfast.reference import rms_norm as reference
 
-from conftest import copy_gbps, median_seconds, synchronize
+from conftest import copy_gbps, measure, synchronize, time_peer
 
 CUDA = torch.cuda.is_available()
 DTYPES = [torch.bfloat16, torch.float32] if CUDA else [torch.float32]
@@ -107,7 +107,7 @@ def test_rms_norm(benchmark, device, hidden, dtype, mode, residual):
     x, w, r = inputs()
     with llmfast.backend("auto"):
         step = make_step(llmfast_rms_norm, x, w, r, mode, device)
-        benchmark.pedantic(step, rounds=20 if CUDA else 3, warmup_rounds=2 if CUDA else 1, iterations=1)
+        measure(benchmark, step, warmup=2 if CUDA else 1)
     peers = {"torch": torch_rms_norm, "reference": reference_rms_norm}
     if benchmark.disabled or benchmark.stats is None:
         if hidden == HIDDEN[0]:  # the smoke run exercises the eager peers once at the smallest size
@@ -121,13 +121,13 @@ def test_rms_norm(benchmark, device, hidden, dtype, mode, residual):
     if copy:
         info["copy_gbps"] = copy
         info["fraction_of_copy_bandwidth"] = info["gbps"] / copy
-    peers["compiled_reference"] = compiled_reference()
+    peers["torch_compile"] = compiled_reference()
     for name, fn in peers.items():
         try:
-            seconds = median_seconds(make_step(fn, *inputs(), mode, device), device, repeats=10 if CUDA else 3)
+            seconds = time_peer(info, name, make_step(fn, *inputs(), mode, device), device,
+                                repeats=10 if CUDA else 5)
         except Exception as err:  # e.g. out of memory, or no compiler for torch.compile
             info[f"{name}_status"] = f"unavailable: {str(err).splitlines()[0][:100]}"
             continue
-        info[f"{name}_ms"] = seconds * 1e3
         info[f"{name}_gbps"] = moved / seconds / 1e9
         info[f"speedup_vs_{name}"] = seconds / ours
