@@ -83,10 +83,11 @@ def _tiles(entries: Sequence[tuple[int, int, int]]) -> dict[str, Tile]:
 # weight-gradient accumulator live: at 16384 columns that is 128 fp32 values per thread even on 16 warps, which
 # spills (32 warps cap a thread at 64 registers), so backward rows beyond 8192 columns take the looped kernel.
 # Checked spill-free on sm_80 and sm_90 by compile_check; speed tuning on real GPUs is still to do.
-# Rows of 64 columns or fewer run on 8 warps: with several short rows per thread, ptxas spilled a few bytes at 4.
+# Rows of 64 columns or fewer (backward: 128) run on 8 warps: with several short rows per thread, ptxas spilled a
+# few bytes at 4.
 _GPU_FWD = _tiles([(128, 16, 8), (64, 32, 8), (32, 64, 8), (16, 128, 4), (8, 256, 4), (4, 512, 4), (2, 1024, 4),
                    (1, 2048, 4), (1, 4096, 8), (1, 8192, 16), (1, 16384, 16)])
-_GPU_BWD = _tiles([(64, 16, 8), (32, 32, 8), (16, 64, 8), (8, 128, 4), (4, 256, 4), (2, 512, 4), (1, 1024, 4),
+_GPU_BWD = _tiles([(64, 16, 8), (32, 32, 8), (16, 64, 8), (8, 128, 8), (4, 256, 4), (2, 512, 4), (1, 1024, 4),
                    (1, 2048, 4), (1, 4096, 8), (1, 8192, 16)])
 _GPU = NormConfigs(fwd_tiles=_GPU_FWD, bwd_tiles=_GPU_BWD, looped=Tile(1, 4096, 8), max_single_pass=16384,
                    max_single_pass_bwd=8192, bwd_programs_per_sm=2)
