@@ -125,6 +125,8 @@ def test_gpu_tiles(monkeypatch, arch, shape, kernel):
     n = shape[-1]
     check(rand(*shape, dtype=torch.bfloat16), n, rand(n, dtype=torch.bfloat16), rand(n, dtype=torch.bfloat16))
     assert llmfast.kernel_launch_counts()[kernel] == 1
+    launch = _backend.last_launch_config(kernel)  # the variable really picked the GPU tiles (interpreter's: <= 1024)
+    assert launch["arch"] == arch and launch["BLOCK_C"] >= 4096
 
 
 @pytest.mark.parametrize("view", [
@@ -229,7 +231,8 @@ def test_module_is_a_drop_in(kw):
     (lambda: llmfast.layer_norm(rand(4, 8), 8, rand(7)), ValueError, ["weight", "(8,)", "(7,)"]),
     (lambda: llmfast.layer_norm(rand(4, 8), 8, None, rand(2, 4)), ValueError, ["bias", "(2, 4)"]),
     (lambda: llmfast.layer_norm(torch.ones(4, 8, dtype=torch.int64, device=DEVICE), 8), TypeError, ["x", "int64"]),
-    (lambda: llmfast.layer_norm(rand(4, 8), 8, torch.ones(8, dtype=torch.bool, device=DEVICE)), TypeError, ["weight", "bool"]),
+    (lambda: llmfast.layer_norm(rand(4, 8), 8, torch.ones(8, dtype=torch.bool, device=DEVICE)), TypeError,
+     ["weight", "bool"]),
     (lambda: llmfast.layer_norm(rand(4, 8), 8, eps=-1.0), ValueError, ["eps", ">= 0"]),
 ])
 def test_bad_input(call, exc, words):

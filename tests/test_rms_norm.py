@@ -120,6 +120,8 @@ def test_gpu_tiles(monkeypatch, arch, shape, kernel):
     check(rand(*shape, dtype=torch.bfloat16), rand(shape[-1], dtype=torch.bfloat16),
           rand(*shape, dtype=torch.bfloat16))
     assert llmfast.kernel_launch_counts()[kernel] == 1
+    launch = _backend.last_launch_config(kernel)  # the variable really picked the GPU tiles (interpreter's: <= 1024)
+    assert launch["arch"] == arch and launch["BLOCK_C"] >= 4096
 
 
 def test_leading_shapes():
@@ -282,7 +284,8 @@ def test_module_state_matches_hugging_face():
     (lambda: llmfast.rms_norm(rand(4, 8), rand(7)), ValueError, ["weight", "(8,)", "(7,)"]),
     (lambda: llmfast.rms_norm(rand(4, 8), rand(2, 4)), ValueError, ["weight", "(2, 4)"]),
     (lambda: llmfast.rms_norm(torch.ones(4, 8, dtype=torch.int32, device=DEVICE), rand(8)), TypeError, ["x", "int32"]),
-    (lambda: llmfast.rms_norm(rand(4, 8), torch.ones(8, dtype=torch.int64, device=DEVICE)), TypeError, ["weight", "int64"]),
+    (lambda: llmfast.rms_norm(rand(4, 8), torch.ones(8, dtype=torch.int64, device=DEVICE)), TypeError,
+     ["weight", "int64"]),
     (lambda: llmfast.rms_norm([1.0, 2.0], rand(2)), TypeError, ["x", "list"]),
     (lambda: llmfast.rms_norm(torch.tensor(1.0), rand(1)), ValueError, ["x", "0-d"]),
     (lambda: llmfast.rms_norm(rand(4, 8), rand(8), -1e-6), ValueError, ["eps", ">= 0"]),
@@ -291,6 +294,7 @@ def test_module_state_matches_hugging_face():
     (lambda: llmfast.rms_norm(rand(4, 8), rand(8), residual=rand(4, 9)), ValueError, ["residual", "(4, 9)"]),
     (lambda: llmfast.rms_norm(rand(4, 8), rand(8), residual=rand(4, 8, dtype=torch.float16)), TypeError,
      ["residual", "float16"]),
+    (lambda: llmfast.rms_norm(rand(4, 8), None, offset=1.0), ValueError, ["offset", "weight"]),
     (lambda: RMSNorm(0), ValueError, ["hidden_size", "0"]),
 ])
 def test_bad_input(call, exc, words):

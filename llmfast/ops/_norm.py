@@ -390,6 +390,11 @@ def pick_tile(n_cols: int, configs: NormConfigs, backward: bool) -> tuple[str, T
     return name, (configs.bwd_tiles if backward else configs.fwd_tiles)[name], False
 
 
+def _launch_record(arch: str, name: str, tile: Tile) -> dict[str, object]:
+    return {"arch": arch, "config": name, "BLOCK_R": tile.block_r, "BLOCK_C": tile.block_c,
+            "num_warps": tile.num_warps}
+
+
 def forward(op: str, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
             residual: torch.Tensor | None, n_cols: int, eps: float, offset: float, out_dtype: torch.dtype,
             rms: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
@@ -402,17 +407,19 @@ def forward(op: str, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     mean = None if rms else torch.empty_like(rstd)
     rr = as_rows(residual, n_cols) if residual is not None else xr
-    _, tile, looped = pick_tile(n_cols, _configs(x.device), backward=False)
+    arch = config_arch(x.device)
+    name, tile, looped = pick_tile(n_cols, NORM_CONFIGS[arch], backward=False)
+    launch = _launch_record(arch, name, tile)
     args = (y, h if h is not None else y, xr, rr, weight if weight is not None else xr,
             bias if bias is not None else xr, mean if mean is not None else rstd, rstd,
             n_rows, n_cols, xr.stride(0), _col_stride(xr), rr.stride(0), _col_stride(rr), float(eps), float(offset))
     flags = dict(RMS=rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
                  HAS_BIAS=bias is not None)
     if looped:
-        _backend.record_kernel_launch(f"{op}_fwd_looped")
+        _backend.record_kernel_launch(f"{op}_fwd_looped", launch)
         _norm_fwd_looped_kernel[(n_rows,)](*args, BLOCK_C=tile.block_c, **flags, num_warps=tile.num_warps)
     else:
-        _backend.record_kernel_launch(f"{op}_fwd")
+        _backend.record_kernel_launch(f"{op}_fwd", launch)
         _norm_fwd_kernel[(triton.cdiv(n_rows, tile.block_r),)](
             *args, BLOCK_R=tile.block_r, BLOCK_C=tile.block_c, **flags, num_warps=tile.num_warps)
     return y, h, mean, rstd
@@ -435,9 +442,11 @@ def backward(op: str, dy: torch.Tensor, dh: torch.Tensor | None, x: torch.Tensor
     dhr = as_rows(dh, n_cols) if dh is not None else dyr
     n_rows = xr.shape[0]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    configs = _configs(x.device)
-    _, tile, looped = pick_tile(n_cols, configs, backward=True)
+    arch = config_arch(x.device)
+    configs = NORM_CONFIGS[arch]
+    name, tile, looped = pick_tile(n_cols, configs, backward=True)
     programs = _bwd_programs(n_rows if looped else triton.cdiv(n_rows, tile.block_r), configs, x.device)
+    launch = {**_launch_record(arch, name, tile), "programs": programs}
     # The looped kernel adds into its partial rows, so they start at zero; the single-pass one writes them whole.
     alloc = torch.zeros if looped else torch.empty
     dw = alloc((programs, n_cols), dtype=torch.float32, device=x.device) if weight_needs_grad else None
@@ -449,10 +458,10 @@ def backward(op: str, dy: torch.Tensor, dh: torch.Tensor | None, x: torch.Tensor
     flags = dict(RMS=rms, HAS_WEIGHT=weight is not None, HAS_DH=dh is not None, COMPUTE_DW=dw is not None,
                  COMPUTE_DB=db is not None)
     if looped:
-        _backend.record_kernel_launch(f"{op}_bwd_looped")
+        _backend.record_kernel_launch(f"{op}_bwd_looped", launch)
         _norm_bwd_looped_kernel[(programs,)](*args, BLOCK_C=tile.block_c, **flags, num_warps=tile.num_warps)
     else:
-        _backend.record_kernel_launch(f"{op}_bwd")
+        _backend.record_kernel_launch(f"{op}_bwd", launch)
         _norm_bwd_kernel[(programs,)](*args, BLOCK_R=tile.block_r, BLOCK_C=tile.block_c, **flags,
                                       num_warps=tile.num_warps)
     # Summing the partial rows in a fixed order keeps the weight gradient deterministic.
@@ -524,9 +533,12 @@ def _signature(fn, pointers: dict[str, str], floats: Sequence[str], ones: Sequen
     return signature, constants
 
 
-def compile_specs_for(op: str, fwd_variants: Sequence[dict], bwd_variants: Sequence[dict]) -> list[KernelSpec]:
+def compile_specs_for(op: str, fwd_variants: Sequence[dict], bwd_variants: Sequence[dict], *,
+                      dtypes: Sequence[str] = COMPILE_DTYPES, fwd_pointers: dict[str, str] | None = None,
+                      bwd_pointers: dict[str, str] | None = None, suffix: str = "") -> list[KernelSpec]:
     """Every forward/backward kernel at every tile of every GPU architecture, per variant (constexpr flags) and
-    input dtype. Architectures sharing one config table compile once for all of them."""
+    input dtype (``*_pointers`` override some pointers' types, named by ``suffix``). Architectures sharing one
+    config table compile once for all of them."""
     specs: list[KernelSpec] = []
     gpu_arches = {"sm80": 80, "sm90": 90}
     tables: dict[int, list[int]] = {}
@@ -535,27 +547,29 @@ def compile_specs_for(op: str, fwd_variants: Sequence[dict], bwd_variants: Seque
     for table_id, arches in tables.items():
         configs = next(NORM_CONFIGS[n] for n in gpu_arches if id(NORM_CONFIGS[n]) == table_id)
         only = None if len(arches) == len(gpu_arches) else tuple(arches)
-        for t in COMPILE_DTYPES:
+        for t in dtypes:
             # fwd: the output in x's dtype; bwd: dx in x's dtype, fp32 partial sums and statistics.
             fwd_ptrs = {"y_ptr": f"*{t}", "h_ptr": f"*{t}", "x_ptr": f"*{t}", "r_ptr": f"*{t}", "w_ptr": f"*{t}",
                         "b_ptr": f"*{t}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32"}
             bwd_ptrs = {"dx_ptr": f"*{t}", "dw_ptr": "*fp32", "db_ptr": "*fp32", "x_ptr": f"*{t}",
                         "dy_ptr": f"*{t}", "dh_ptr": f"*{t}", "w_ptr": f"*{t}", "mean_ptr": "*fp32",
                         "rstd_ptr": "*fp32"}
+            fwd_ptrs.update(fwd_pointers or {})
+            bwd_ptrs.update(bwd_pointers or {})
             kernels = [("fwd", _norm_fwd_kernel, _norm_fwd_looped_kernel, configs.fwd_tiles, fwd_ptrs,
                         ("x_s_col", "r_s_col"), ("eps", "offset"), fwd_variants),
                        ("bwd", _norm_bwd_kernel, _norm_bwd_looped_kernel, configs.bwd_tiles, bwd_ptrs,
                         ("x_s_col", "dy_s_col", "dh_s_col"), ("offset",), bwd_variants)]
             for kind, single, looped, tiles, ptrs, ones, floats, variants in kernels:
                 for variant in variants:
-                    suffix = "".join(f"_{k.lower().replace('has_', '').replace('compute_', '')}"
-                                     for k, v in variant.items() if v and k != "RMS")
+                    flags = "".join(f"_{k.lower().replace('has_', '').replace('compute_', '')}"
+                                    for k, v in variant.items() if v and k != "RMS")
                     for cfg, tile in [*tiles.items(), ("looped", configs.looped)]:
                         fn = looped if cfg == "looped" else single
                         sig, consts = _signature(fn, ptrs, floats, ones)
                         consts.update(BLOCK_C=tile.block_c, **variant)
                         if fn is single:
                             consts["BLOCK_R"] = tile.block_r
-                        specs.append(KernelSpec(f"{op}_{kind}{suffix}", fn, sig, consts, f"{cfg}_{t}",
+                        specs.append(KernelSpec(f"{op}_{kind}{flags}{suffix}", fn, sig, consts, f"{cfg}_{t}",
                                                 num_warps=tile.num_warps, arches=only))
     return specs

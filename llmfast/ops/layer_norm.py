@@ -3,8 +3,8 @@
 The trailing ``normalized_shape`` dims of ``x`` are flattened into one row of N elements; the shared norm kernels
 (``llmfast.ops._norm``) read each row once and write it once, fp32 math whatever the input dtype, output in x's
 dtype (one rounding, as torch's kernels). Rows longer than a block sum deviations from the mean of their first
-block, so a large mean does not cancel the variance away. Backward computes dx, and the weight and bias gradients from per-program
-fp32 partial sums (deterministic, no atomics).
+block, so a large mean does not cancel the variance away. Backward computes dx, and the weight and bias gradients
+from per-program fp32 partial sums (deterministic, no atomics).
 
 Exposed as the custom ops ``llmfast::layer_norm_forward`` / ``llmfast::layer_norm_backward`` with fake
 implementations and a registered autograd formula, so ``torch.compile(fullgraph=True)`` traces through them.

@@ -118,7 +118,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, *,
 
     Args:
         x: any shape ``(..., hidden)``, fp16/bf16/fp32 (float64 through torch), any strides.
-        weight: ``(hidden,)`` or None (no scale). A weight of another floating dtype makes the output
+        weight: ``(hidden,)`` or None (no scale; then ``offset`` must be 0). A weight of another floating dtype makes the output
             ``torch.promote_types(x.dtype, weight.dtype)``, as Hugging Face's LlamaRMSNorm does.
         eps: added to the mean square.
         offset: added to the weight; ``1.0`` for Gemma's ``(1 + weight)``.
@@ -134,6 +134,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, *,
     _norm.check_param("weight", weight, x, (x.shape[-1],), "x's last dim, the hidden size")
     eps = _norm.check_number("eps", eps, minimum=0.0)
     offset = _norm.check_number("offset", offset)
+    if weight is None and offset != 0.0:
+        raise ValueError(f"offset shifts the weight, so it needs one: got offset={offset} with weight=None")
     if residual is not None:
         _validation.check_tensor("residual", residual, dtypes=_validation.FLOAT_DTYPES)
         if residual.shape != x.shape:
@@ -158,7 +160,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, *,
 
 def compile_specs() -> list[KernelSpec]:
     """Forward with and without the residual, backward with and without dh; always with a weight and its
-    gradient (the register-heaviest variants; without them the kernels only lose work)."""
+    gradient (the register-heaviest variants; without them the kernels only lose work); and bf16 inputs with an
+    fp32 weight."""
     fwd = [dict(RMS=True, HAS_RESIDUAL=r, HAS_WEIGHT=True, HAS_BIAS=False) for r in (False, True)]
     bwd = [dict(RMS=True, HAS_WEIGHT=True, HAS_DH=dh, COMPUTE_DW=True, COMPUTE_DB=False) for dh in (False, True)]
-    return _norm.compile_specs_for("rms_norm", fwd, bwd)
+    # Mixed precision (bf16 activations, fp32 weights, as under autocast): the output, and so dy, is fp32.
+    mixed_fwd = {"y_ptr": "*fp32", "w_ptr": "*fp32"}
+    mixed_bwd = {"dy_ptr": "*fp32", "w_ptr": "*fp32"}
+    return (_norm.compile_specs_for("rms_norm", fwd, bwd)
+            + _norm.compile_specs_for("rms_norm", fwd[:1], bwd[:1], dtypes=("bf16",), fwd_pointers=mixed_fwd,
+                                      bwd_pointers=mixed_bwd, suffix="_fp32_weight"))
