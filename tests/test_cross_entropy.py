@@ -361,8 +361,8 @@ def test_bad_input_raises():
         llmfast.cross_entropy(logits, t, return_z_loss=1)
     with pytest.raises(TypeError, match="accum_dtype must be None or a floating dtype"):
         llmfast.fused_linear_cross_entropy(h, w, t, accum_dtype=torch.int32)
-    with pytest.raises(NotImplementedError, match="use_token_scaling"):
-        llmfast.fused_linear_cross_entropy(h, w, t, use_token_scaling=True)
+    with pytest.raises(TypeError, match="use_token_scaling must be a bool"):
+        llmfast.fused_linear_cross_entropy(h, w, t, use_token_scaling=1)
 
 
 def test_backends_dispatch():
@@ -470,6 +470,18 @@ def test_fused_liger_options(dtype, combo):
     if use_weight:
         kw["ce_weight"] = torch.rand(v) + 0.1
     check_fused(13, 8, v, dtype, chunk_size=5, bias=combo % 2 == 0, **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_token_scaling(dtype, reduction):
+    """use_token_scaling: each row's loss and gradient times softmax(logits)[target], a constant for autograd."""
+    _backend.reset_kernel_launch_counts()
+    check_fused(13, 8, 61, dtype, chunk_size=5, reduction=reduction, use_token_scaling=True, logit_scale=3.0,
+                ce_weight=torch.rand(61) + 0.1, label_smoothing=0.1, lse_square_scale=1e-2, softcap=4.0,
+                return_z_loss=True)
+    check_fused(13, 8, 61, dtype, chunk_size=5, reduction=reduction, use_token_scaling=True, backend="auto")
+    assert set(llmfast.kernel_launch_counts()) <= {"cross_entropy_fwd", "cross_entropy_fwd_grad"}
 
 
 @pytest.mark.parametrize("accum_dtype", [None, torch.float32, torch.bfloat16])

@@ -60,8 +60,11 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
                   size_average: bool | None = None, ignore_index: int = -100, reduce: bool | None = None,
                   reduction: str = "mean", label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
                   softcap: float | None = None, return_z_loss: bool = False, return_token_accuracy: bool = False,
-                  return_predicted_tokens: bool = False):
-    """Cross-entropy over dim 1 of ``(N, C, d1, ...)`` logits (dim 0 of ``(C,)``) with class-index targets."""
+                  return_predicted_tokens: bool = False, *, token_scaling: bool = False):
+    """Cross-entropy over dim 1 of ``(N, C, d1, ...)`` logits (dim 0 of ``(C,)``) with class-index targets.
+
+    ``token_scaling`` (the fused linear variant's ``use_token_scaling``) multiplies each row's loss terms by the
+    target's probability ``softmax(y)[t]``, detached (a constant for autograd), as Liger-Kernel does."""
     reduction = legacy_reduction(size_average, reduce, reduction)
     class_dim = 0 if input.dim() == 1 else 1
     y = softcapped(input.movedim(class_dim, -1), softcap)  # (..., C)
@@ -71,6 +74,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     active = target != ignore_index
     safe_target = torch.where(active, target, torch.zeros_like(target)).long()
     nll = -logp.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+    p_t = (-nll).exp().detach() if token_scaling else None
     w_t = weight.to(y.dtype)[safe_target] if weight is not None else None
     if w_t is not None:
         nll = nll * w_t
@@ -82,6 +86,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     ce = torch.where(active, ce, zero)
     # (no z term at all when its scale is 0: lse**2 overflows 16-bit dtypes, and 0 * inf is NaN)
     z = torch.where(active, lse_square_scale * lse * lse, zero) if lse_square_scale != 0 else zero
+    if p_t is not None:
+        ce, z = ce * p_t, z * p_t
     n_valid = active.sum()
     total_weight = torch.where(active, w_t, zero).sum() if w_t is not None else n_valid
     if reduction == "none":
@@ -116,17 +122,16 @@ def fused_linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target
 
     16-bit logits are upcast to float32 before the loss, as Hugging Face's causal-LM loss does, so the loss comes
     back in float32. ``accum_dtype`` only matters to the chunked implementation (the reference's gradients come
-    from autograd); ``use_token_scaling`` is not supported.
+    from autograd).
     """
-    if use_token_scaling:
-        raise NotImplementedError("use_token_scaling=True is not supported by llmfast")
     del accum_dtype
     logits = F.linear(input, weight, bias)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     logits, flat_target = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
     out = cross_entropy(logits, flat_target, ce_weight, None, ignore_index, None, reduction, label_smoothing,
-                        lse_square_scale, softcap, return_z_loss, return_token_accuracy, return_predicted_tokens)
+                        lse_square_scale, softcap, return_z_loss, return_token_accuracy, return_predicted_tokens,
+                        token_scaling=use_token_scaling)
     shape = tuple(target.shape)
 
     def fix(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -35,7 +35,8 @@ __all__ = ["cross_entropy", "fused_linear_cross_entropy", "CrossEntropyOutput", 
            "CHUNK_LOGITS_BYTES", "MIN_CHUNK_ROWS"]
 
 # The kernel variants the compile check builds: the plain loss, each option alone (with the gradient), all of them
-# at once (the most registers), and the forward-only forms. Flags: smoothing, weight, z-loss, softcap, argmax, grad.
+# at once (the most registers, with token scaling), and the forward-only forms. Flags: smoothing, weight, z-loss,
+# softcap, argmax, grad.
 _FUSED_VARIANTS = {
     "": (False, False, False, False, False, False),
     "_grad": (False, False, False, False, False, True),
@@ -66,10 +67,10 @@ def compile_specs() -> list[KernelSpec]:
                         "ignore_index": "i32", "label_smoothing": "fp32", "lse_square_scale": "fp32",
                         "softcap": "fp32", "HAS_SMOOTHING": "constexpr", "HAS_WEIGHT": "constexpr",
                         "HAS_ZLOSS": "constexpr", "HAS_SOFTCAP": "constexpr", "TRACK_ARGMAX": "constexpr",
-                        "COMPUTE_GRAD": "constexpr", "BLOCK_V": "constexpr"}
+                        "COMPUTE_GRAD": "constexpr", "BLOCK_V": "constexpr", "TOKEN_SCALING": "constexpr"}
                     constexprs = {"HAS_SMOOTHING": smooth, "HAS_WEIGHT": weight, "HAS_ZLOSS": zloss,
                                   "HAS_SOFTCAP": softcap, "TRACK_ARGMAX": argmax, "COMPUTE_GRAD": grad,
-                                  "BLOCK_V": tile.block_v}
+                                  "BLOCK_V": tile.block_v, "TOKEN_SCALING": suffix.endswith("all")}
                     name = "cross_entropy" + suffix + ("_i32" if target_type == "i32" else "")
                     specs.append(KernelSpec(name, _cross_entropy_kernel, signature, constexprs, f"{cfg}_{t}",
                                             num_warps=tile.num_warps))

@@ -69,11 +69,13 @@ class LossOptions:
     softcap: float | None = None
     weight: torch.Tensor | None = None
     track_argmax: bool = False
+    token_scaling: bool = False  # Liger-Kernel's use_token_scaling: each row's loss and gradient times p[t]
 
     @property
     def plain(self) -> bool:
         """Nothing beyond what ``F.cross_entropy`` computes."""
-        return self.lse_square_scale == 0 and self.softcap is None and not self.track_argmax
+        return self.lse_square_scale == 0 and self.softcap is None and not self.track_argmax \
+            and not self.token_scaling
 
 
 class RowsOut(NamedTuple):
@@ -185,9 +187,11 @@ def _cross_entropy_kernel(
     ignore_index, label_smoothing, lse_square_scale, softcap,
     HAS_SMOOTHING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     TRACK_ARGMAX: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    TOKEN_SCALING: tl.constexpr = False,
 ):
     """One row: loss terms (ce, z, argmax) and, with COMPUTE_GRAD, the gradient scaled by ``scale_ptr``'s row
-    entries (ce scale at +0, z scale at +z_scale_offset)."""
+    entries (ce scale at +0, z scale at +z_scale_offset). TOKEN_SCALING multiplies the row's loss terms and
+    gradient by p[t] = exp(y[t] - lse), a constant for autograd (Liger-Kernel's ``use_token_scaling``)."""
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * logits_row_stride
     target = tl.load(target_ptr + row).to(tl.int64)
@@ -215,19 +219,22 @@ def _cross_entropy_kernel(
         else:
             ce = lse - y_t
     bad = tl.where(in_range, 0.0, float("nan"))  # NaN for a target out of range, 0 otherwise
-    tl.store(loss_ptr + row, tl.where(active, ce + bad, 0.0))
+    p_t = 1.0
+    if TOKEN_SCALING:
+        p_t = tl.exp(y_t - lse)
+    tl.store(loss_ptr + row, tl.where(active, ce * p_t + bad, 0.0))
     if HAS_ZLOSS:
-        tl.store(z_ptr + row, tl.where(active, lse_square_scale * lse * lse + bad, 0.0))
+        tl.store(z_ptr + row, tl.where(active, lse_square_scale * lse * lse * p_t + bad, 0.0))
     if TRACK_ARGMAX:
         tl.store(pred_ptr + row, tl.where(active, argmax.to(tl.int64), -1))
         tl.store(acc_ptr + row, tl.where(active & (argmax == target), 1.0, 0.0))
 
     if COMPUTE_GRAD:
-        ce_scale = tl.load(scale_ptr + row * scale_row_stride).to(tl.float32)
+        ce_scale = tl.load(scale_ptr + row * scale_row_stride).to(tl.float32) * p_t
         coef_t = (1.0 - label_smoothing) * w_t * ce_scale + bad
         a = ce_scale * ((1.0 - label_smoothing) * w_t + (label_smoothing / n_cols) * sum_w) + bad
         if HAS_ZLOSS:
-            z_scale = tl.load(scale_ptr + row * scale_row_stride + z_scale_offset).to(tl.float32)
+            z_scale = tl.load(scale_ptr + row * scale_row_stride + z_scale_offset).to(tl.float32) * p_t
             a += 2.0 * lse_square_scale * lse * z_scale
         uni = (label_smoothing / n_cols) * ce_scale
         _row_grad(logits_row, grad_ptr + row * grad_row_stride, weight_ptr, n_cols, n_read, target, lse, a, coef_t,
@@ -286,6 +293,13 @@ def _ce_grad_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _config(n_cols: int) -> dict[str, object]:
+    """What a launch records (``llmfast._backend.last_launch_config``): the vocabulary tiles are the same on every
+    architecture, so LLMFAST_CONFIG_ARCH does not change them."""
+    name, tile = pick_ce_tile(n_cols)
+    return {"config": name, "BLOCK_V": tile.block_v, "num_warps": tile.num_warps}
+
+
 def _flags(opts: LossOptions) -> dict[str, bool]:
     return {"HAS_SMOOTHING": opts.label_smoothing > 0, "HAS_WEIGHT": opts.weight is not None,
             "HAS_SOFTCAP": opts.softcap is not None}
@@ -310,7 +324,7 @@ def rows_triton(logits: torch.Tensor, target: torch.Tensor, opts: LossOptions, g
         scale_stride, z_offset = (scale.stride(0), 0) if per_row else (0, 1)
     else:
         scale, scale_stride, z_offset = ce, 0, 0
-    _backend.record_kernel_launch("cross_entropy_fwd" + ("_grad" if compute_grad else ""))
+    _backend.record_kernel_launch("cross_entropy_fwd" + ("_grad" if compute_grad else ""), _config(n_cols))
     _cross_entropy_kernel[(n_rows,)](
         logits, grad if compute_grad else logits, ce, z if z is not None else ce,
         pred if pred is not None else target, acc if acc is not None else ce, target,
@@ -319,6 +333,7 @@ def rows_triton(logits: torch.Tensor, target: torch.Tensor, opts: LossOptions, g
         int(opts.ignore_index), float(opts.label_smoothing), float(opts.lse_square_scale),
         float(opts.softcap) if opts.softcap is not None else 1.0,
         HAS_ZLOSS=z is not None, TRACK_ARGMAX=opts.track_argmax, COMPUTE_GRAD=compute_grad,
+        TOKEN_SCALING=opts.token_scaling,
         BLOCK_V=tile.block_v, num_warps=tile.num_warps, **_flags(opts))
     return RowsOut(ce, z, pred, acc)
 
@@ -342,7 +357,7 @@ def shard_stats_triton(logits: torch.Tensor, target: torch.Tensor, opts: LossOpt
     if n_rows == 0:
         return out
     _, tile = pick_ce_tile(n_cols)
-    _backend.record_kernel_launch("cross_entropy_shard_stats")
+    _backend.record_kernel_launch("cross_entropy_shard_stats", _config(n_cols))
     flags = _flags(opts)
     flags["HAS_WEIGHT"] = weight_shard is not None
     _ce_stats_kernel[(n_rows,)](
@@ -363,7 +378,7 @@ def shard_grad_triton(logits: torch.Tensor, grad: torch.Tensor, target: torch.Te
     if n_rows == 0:
         return
     _, tile = pick_ce_tile(n_cols)
-    _backend.record_kernel_launch("cross_entropy_shard_grad")
+    _backend.record_kernel_launch("cross_entropy_shard_grad", _config(n_cols))
     flags = _flags(opts)
     flags["HAS_WEIGHT"] = weight_shard is not None
     _ce_grad_kernel[(n_rows,)](
@@ -436,9 +451,10 @@ def rows_torch(logits: torch.Tensor, target: torch.Tensor, opts: LossOptions, gr
             sum_w = torch.tensor(float(n_cols), dtype=work_dtype, device=dev)
             row = lse - (1.0 - eps) * y_t - (eps * sum_wy / n_cols if eps > 0 else 0.0)
         bad = torch.where(in_range, 0.0, float("nan")).to(work_dtype)
-        ce[start:end] = torch.where(active, row + bad, 0.0)
+        p_t = (y_t - lse).exp() if opts.token_scaling else torch.ones_like(lse)
+        ce[start:end] = torch.where(active, row * p_t + bad, 0.0)
         if z is not None:
-            z[start:end] = torch.where(active, s * lse * lse + bad, 0.0)
+            z[start:end] = torch.where(active, s * lse * lse * p_t + bad, 0.0)
         if grad is None:
             continue
         sc = scale.to(work_dtype)
@@ -446,6 +462,8 @@ def rows_torch(logits: torch.Tensor, target: torch.Tensor, opts: LossOptions, gr
             ce_scale = z_scale = sc[start:end]
         else:
             ce_scale, z_scale = sc[0], sc[1]
+        if opts.token_scaling:
+            ce_scale, z_scale = ce_scale * p_t, z_scale * p_t
         wt = w_t if w_t is not None else torch.ones_like(lse)
         a = ce_scale * ((1.0 - eps) * wt + eps / n_cols * sum_w) + bad
         if z is not None:

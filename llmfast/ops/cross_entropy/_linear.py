@@ -211,7 +211,8 @@ def fused_linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target
         accum_dtype: dtype of the ``weight``/``bias`` gradient accumulators across chunks. ``None`` means float32
             for 16-bit weights (llmfast's default; Liger-Kernel accumulates in the weight's dtype unless told),
             pass the weight's dtype to save the fp32 buffer.
-        use_token_scaling: not supported (raises).
+        use_token_scaling: multiply each row's loss (and gradient) by the target's predicted probability
+            ``softmax(logits)[target]``, treated as a constant (Liger-Kernel's option).
         chunk_size: token rows per chunk (default: :func:`chunk_rows`); peak extra memory is about
             ``chunk_size x V`` logits in the inputs' dtype plus the gradients of ``input``, ``weight`` and ``bias``.
 
@@ -224,8 +225,6 @@ def fused_linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target
     flags = {"return_z_loss": return_z_loss, "return_token_accuracy": return_token_accuracy,
              "return_predicted_tokens": return_predicted_tokens, "use_token_scaling": use_token_scaling}
     check_options(target, ignore_index, reduction, label_smoothing, lse_square_scale, softcap, flags)
-    if use_token_scaling:
-        raise NotImplementedError("fused_linear_cross_entropy: use_token_scaling=True is not supported by llmfast")
     if accum_dtype is not None and accum_dtype not in FLOAT_DTYPES:
         raise TypeError(f"accum_dtype must be None or a floating dtype {FLOAT_DTYPES}, got {accum_dtype!r}")
     weight, bias = _full_tensor("weight", weight), _full_tensor("bias", bias)
@@ -263,12 +262,13 @@ def fused_linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target
     if impl == "reference":
         return reference.fused_linear_cross_entropy(hidden, weight, target, bias, ce_weight, ignore_index,
                                                      lse_square_scale, label_smoothing, reduction, softcap,
-                                                     return_z_loss, accum_dtype, False, return_token_accuracy,
+                                                     return_z_loss, accum_dtype, use_token_scaling,
+                                                     return_token_accuracy,
                                                      return_predicted_tokens)
     rows_fn: RowsFn = K.rows_triton if impl == "triton" and hidden.dtype != torch.float64 else K.rows_torch
     opts = K.LossOptions(ignore_index, float(label_smoothing), float(lse_square_scale),
                          float(softcap) if softcap is not None else None, class_weight,
-                         return_token_accuracy or return_predicted_tokens)
+                         return_token_accuracy or return_predicted_tokens, use_token_scaling)
     if accum_dtype is None:
         accum_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     chunk = chunk_size or chunk_rows(hidden2d.shape[0], weight.shape[0], hidden.element_size())
