@@ -15,6 +15,9 @@ are timed next to it with ``time_peer``. ``benchmark.extra_info`` gets:
   (see ``llmfast.ops.cross_entropy.peak_memory_bytes``). Inputs and the parameters' ``.grad`` buffers from an
   earlier step are allocated before the measurement starts and are not counted for either side.
 
+* ``cross_entropy_liger_options``: forward + backward with Gemma-2's soft-capping, a z-loss and token accuracy,
+  against the same loss composed from torch ops (eager and ``torch.compile``d), with both peaks.
+
 The headline case is N=4096 tokens, V=50 000 classes, C=768 (GPT-2 small's width). On the CPU it runs in full
 benchmark runs only; ``--benchmark-disable`` (the CI smoke run) uses small sizes and takes a few seconds.
 """
@@ -146,3 +149,76 @@ def test_fused_linear_cross_entropy(benchmark, device, shape, dtype):
         seconds = time_peer(info, "reference", step_for(reference_step), device, repeats=3 if CUDA else 1,
                             warmup=0)
         info["speedup_vs_reference"] = seconds / ours_s
+
+
+GEMMA_SHAPES = [(8192, 256000)] if CUDA else [(256, 8192)]
+
+
+def _torch_liger_options(logits: torch.Tensor, target: torch.Tensor, softcap: float, z_scale: float):
+    """The same Gemma-2-style loss in plain torch: soft-capped logits upcast to fp32, cross-entropy, z-loss from
+    the log-sum-exp, token accuracy from the argmax (each materialises (N, V) intermediates)."""
+    y = softcap * torch.tanh(logits.float() / softcap)
+    active = target != -100
+    loss = F.cross_entropy(y, target)
+    lse = torch.logsumexp(y, dim=-1)
+    z = (z_scale * lse * lse * active).sum() / active.sum()
+    accuracy = ((y.argmax(dim=-1) == target) & active).sum() / active.sum()
+    return loss + z, z.detach(), accuracy
+
+
+@pytest.mark.parametrize("shape", GEMMA_SHAPES, ids=lambda s: f"N{s[0]}_V{s[1]}")
+def test_cross_entropy_liger_options(benchmark, device, shape):
+    """Forward + backward with Gemma-2's final soft-capping (30), a z-loss (1e-4) and token accuracy: llmfast's
+    kernel computes all of it in its two passes; peers: the torch composite (eager and ``torch.compile``d) and the
+    reference."""
+    n, v = shape
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    logits = torch.randn(n, v, device=device, dtype=dtype, requires_grad=True)
+    target = torch.randint(0, v, (n,), device=device)
+    target[::17] = -100
+    info = benchmark.extra_info
+    info.update(device=_device_name(device), backend="triton" if CUDA else "torch (auto backend on the CPU)",
+                dtype=str(dtype).replace("torch.", ""), shape=f"N{n} V{v}", mode="fwd_bwd",
+                options="softcap=30, lse_square_scale=1e-4, return_z_loss, return_token_accuracy")
+
+    def ours(x, t):
+        out = llmfast.cross_entropy(x, t, softcap=30.0, lse_square_scale=1e-4, return_z_loss=True,
+                                    return_token_accuracy=True)
+        return out.loss
+
+    def ref(x, t):
+        return reference.cross_entropy(x, t, softcap=30.0, lse_square_scale=1e-4, return_z_loss=True,
+                                       return_token_accuracy=True).loss
+
+    def composite(x, t):
+        return _torch_liger_options(x, t, 30.0, 1e-4)[0]
+
+    def step_for(fn):
+        def step():
+            fn(logits, target).backward()
+            logits.grad = None
+            synchronize(device)
+        return step
+
+    with llmfast.backend("auto"):
+        measure(benchmark, step_for(ours))
+    peers = {"torch": composite, "reference": ref}
+    if benchmark.disabled or benchmark.stats is None:
+        for fn in peers.values():
+            step_for(fn)()
+        return
+    ours_s = benchmark.stats.stats.median
+    try:
+        peers["torch_compile"] = torch.compile(composite)
+    except Exception as err:  # no compiler available
+        info["torch_compile_status"] = f"unavailable: {str(err).splitlines()[0][:100]}"
+    for name, fn in peers.items():
+        try:
+            seconds = time_peer(info, name, step_for(fn), device, repeats=10 if CUDA else 3)
+        except Exception as err:  # out of memory for the materialising peers, or no compiler
+            info[f"{name}_status"] = f"unavailable: {str(err).splitlines()[0][:100]}"
+            continue
+        info[f"speedup_vs_{name}"] = seconds / ours_s
+    with llmfast.backend("auto"):
+        info["peak_mib_llmfast"] = peak_memory_bytes(step_for(ours), device) / 2**20
+    info["peak_mib_torch"] = peak_memory_bytes(step_for(composite), device) / 2**20

@@ -229,6 +229,10 @@ def test_torch_layouts():
     check_ce(torch.randn(13), torch.tensor(4))                                                 # unbatched
     check_ce(torch.randn(5, 30)[:, ::2], torch.randint(0, 15, (5,)))                           # strided columns
     check_ce(torch.randn(4, 9), torch.randint(0, 9, (4,), dtype=torch.int32))                  # int32 targets
+    check_ce(torch.randn(3, 11, 4), torch.randint(0, 11, (3, 4)), weight=torch.rand(11), softcap=2.0,  # options
+             reduction="none", lse_square_scale=1e-2, return_z_loss=True, return_token_accuracy=True,
+             return_predicted_tokens=True)
+    check_ce(torch.randn(13), torch.tensor(4), return_predicted_tokens=True, label_smoothing=0.2)
 
 
 def test_fp16_extreme_logits():
@@ -373,6 +377,24 @@ def test_backends_dispatch():
     with llmfast.backend("reference"):
         torch.testing.assert_close(llmfast.cross_entropy(logits, t, label_smoothing=0.2),
                                    ref.cross_entropy(logits, t, label_smoothing=0.2))
+    assert llmfast.kernel_launch_counts() == {}
+    # every option through the reference backend is the reference itself (gradients included)
+    w = torch.rand(30)
+    kw = dict(weight=w, label_smoothing=0.1, lse_square_scale=1e-2, softcap=3.0, reduction="none",
+              return_z_loss=True, return_token_accuracy=True, return_predicted_tokens=True)
+    x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    with llmfast.backend("reference"):
+        got = llmfast.cross_entropy(x1, t, **kw)
+        h, hw = torch.randn(4, 6), torch.randn(30, 6)
+        got_fused = llmfast.fused_linear_cross_entropy(h, hw, t, ce_weight=w, softcap=3.0, use_token_scaling=True)
+    want = ref.cross_entropy(x2, t, **kw)
+    got.loss.sum().backward()
+    want.loss.sum().backward()
+    for field in ("loss", "z_loss", "token_accuracy", "predicted_tokens"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field))
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(got_fused, ref.fused_linear_cross_entropy(h, hw, t, ce_weight=w, softcap=3.0,
+                                                                         use_token_scaling=True))
     assert llmfast.kernel_launch_counts() == {}
 
 
