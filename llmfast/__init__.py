@@ -28,6 +28,10 @@ _LAZY = {
     "CrossEntropyOutput": "llmfast.ops.cross_entropy",
     "rms_norm": "llmfast.ops.rms_norm",
     "layer_norm": "llmfast.ops.layer_norm",
+    "apply_rotary_emb": "llmfast.ops.rotary",
+    "apply_rotary_pos_emb": "llmfast.ops.rotary",
+    "swiglu": "llmfast.ops.swiglu",
+    "geglu": "llmfast.ops.swiglu",
 }
 
 
@@ -58,4 +62,8 @@ __all__ = [
     "CrossEntropyOutput",
     "rms_norm",
     "layer_norm",
+    "apply_rotary_emb",
+    "apply_rotary_pos_emb",
+    "swiglu",
+    "geglu",
 ]

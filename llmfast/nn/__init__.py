@@ -2,7 +2,9 @@
 from llmfast.nn.attention import CausalSelfAttention, KVCache
 from llmfast.nn.cross_entropy import CrossEntropyLoss, FusedLinearCrossEntropyLoss
 from llmfast.nn.normalization import LayerNorm, RMSNorm
+from llmfast.nn.rotary import RotaryEmbedding
 from llmfast.nn.softmax import LogSoftmax, Softmax
+from llmfast.nn.swiglu import GeGLUMLP, SwiGLUMLP
 from llmfast.nn.transformer import MLP, Block
 
 __all__ = [
@@ -10,10 +12,13 @@ __all__ = [
     "CausalSelfAttention",
     "CrossEntropyLoss",
     "FusedLinearCrossEntropyLoss",
+    "GeGLUMLP",
     "KVCache",
     "LayerNorm",
     "LogSoftmax",
     "MLP",
     "RMSNorm",
+    "RotaryEmbedding",
     "Softmax",
+    "SwiGLUMLP",
 ]

@@ -10,4 +10,6 @@ KERNEL_MODULES = (
     "llmfast.ops.attention",
     "llmfast.ops.rms_norm",
     "llmfast.ops.layer_norm",
+    "llmfast.ops.rotary",
+    "llmfast.ops.swiglu",
 )
