@@ -142,6 +142,9 @@ def test_gpu_tiles_in_the_interpreter(monkeypatch, head_dim, rotary_dim):
     x = rand(1, 3, 9, head_dim, dtype=BF16)
     cos, sin = tables(5, rotary_dim)
     check_flash(x, cos, sin, False, 2)
+    launched = _backend.last_launch_config("rotary_fwd")
+    half = rotary_dim // 2
+    assert launched["config"] == ("k16" if half <= 16 else "k32" if half <= 32 else "k64")
 
 
 # ------------------------------------------------------------------------------------------ Hugging Face convention

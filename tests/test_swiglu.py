@@ -101,6 +101,7 @@ def test_gpu_tiles_in_the_interpreter(monkeypatch):
     monkeypatch.setenv("LLMFAST_CONFIG_ARCH", "sm80")
     for op in OPS:
         check(op, rand(3, 1500, dtype=BF16, scale=3.0), rand(3, 1500, dtype=BF16))
+        assert llmfast._backend.last_launch_config(f"{OPS[op][2]}_fwd")["BLOCK"] == 1024
 
 
 def test_backends_agree_and_fp64():

@@ -171,7 +171,7 @@ def _launch(pairs: list[tuple[torch.Tensor, torch.Tensor]], cos: torch.Tensor, s
     batch, seqlen = q.shape[0], q.shape[1]
     if batch * seqlen == 0 or q.shape[2] + (k.shape[2] if len(pairs) == 2 else 0) == 0:
         return
-    _, cfg = pick_config(half, q.device)
+    cfg_name, cfg = pick_config(half, q.device)
     n_q_blocks = triton.cdiv(q.shape[2], cfg["BLOCK_H"])
     n_k_blocks = triton.cdiv(k.shape[2], cfg["BLOCK_H"]) if len(pairs) == 2 else 0
     # In place, the channels past the rotary dim already hold their values: skip the copy.
@@ -180,7 +180,7 @@ def _launch(pairs: list[tuple[torch.Tensor, torch.Tensor]], cos: torch.Tensor, s
     if positions is None:  # an unread placeholder, int64 like real positions so the kernel compiles once
         positions = torch.empty(1, dtype=torch.int64, device=q.device)
     pos_strides = (positions.stride(0), positions.stride(1) if positions.dim() == 2 else 0)
-    _backend.record_kernel_launch(name)
+    _backend.record_kernel_launch(name, {"config": cfg_name, **cfg})
     _rotary_kernel[(batch * seqlen, n_q_blocks + n_k_blocks)](
         q, qo, k, ko, cos, sin, positions,
         seqlen, q.shape[2], k.shape[2], n_q_blocks, half, pass_end_q, pass_end_k, n_pos,

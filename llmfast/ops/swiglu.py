@@ -149,7 +149,7 @@ def _forward_impl(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torc
         return out
     g, u, o = _rows(gate), _rows(up), out.view(-1, gate.shape[-1] if gate.dim() else 1)
     cfg = _config("fwd", gate.device)
-    _backend.record_kernel_launch(f"{activation}_gated_fwd")
+    _backend.record_kernel_launch(f"{activation}_gated_fwd", cfg)
     _gated_fwd_kernel[_grid(g.shape[0], g.shape[1], cfg["BLOCK"])](
         o, g, u, g.shape[1], o.stride(0), g.stride(0), u.stride(0),
         ACT=ACTIVATIONS[activation], BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
@@ -166,7 +166,7 @@ def _backward_impl(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activ
     dg, du = dgate.view(-1, n_cols), dup.view(-1, n_cols)
     d, g, u = _rows(dy), _rows(gate), _rows(up)
     cfg = _config("bwd", gate.device)
-    _backend.record_kernel_launch(f"{activation}_gated_bwd")
+    _backend.record_kernel_launch(f"{activation}_gated_bwd", cfg)
     _gated_bwd_kernel[_grid(g.shape[0], n_cols, cfg["BLOCK"])](
         dg, du, d, g, u, n_cols, dg.stride(0), du.stride(0), d.stride(0), g.stride(0), u.stride(0),
         ACT=ACTIVATIONS[activation], BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
