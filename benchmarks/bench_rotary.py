@@ -6,7 +6,7 @@ so CPU rows only check the wiring). Peers land in ``benchmark.extra_info`` next 
 * ``gbps``: llmfast's effective bandwidth counting each element of x (or q and k) read once and written once
   (backward: the gradient read, the input gradient written); the small cos/sin tables are not counted.
 * ``<peer>_ms``, ``<peer>_gbps`` and ``speedup_vs_<peer>`` (peer time / llmfast time) for ``reference`` (eager
-  torch ops, what Hugging Face and flash-attn's torch fallback run) and ``compiled`` (the reference under
+  torch ops, what Hugging Face and flash-attn's torch fallback run) and ``torch_compile`` (the reference under
   ``torch.compile``: Inductor's fused kernel, the strongest torch-native peer).
 * On a GPU, ``copy_gbps`` (a device copy of the same bytes on the same card) and ``fraction_of_copy_bandwidth``.
 
@@ -23,7 +23,7 @@ import torch
 import llmfast
 from llmfast.reference import rotary as reference
 
-from conftest import copy_gbps, median_seconds, synchronize
+from conftest import copy_gbps, measure, synchronize, time_peer
 
 CUDA = torch.cuda.is_available()
 DTYPES = [torch.bfloat16, torch.float32] if CUDA else [torch.float32]
@@ -78,11 +78,10 @@ def _record(benchmark, info: dict, peers: dict, inputs: list[torch.Tensor], mode
         info["fraction_of_copy_bandwidth"] = info["gbps"] / copy
     for name, fn in peers.items():
         try:
-            seconds = median_seconds(_step(fn, inputs, mode, device), device, repeats=10 if CUDA else 3)
+            seconds = time_peer(info, name, _step(fn, inputs, mode, device), device, repeats=10 if CUDA else 5)
         except RuntimeError as err:  # e.g. out of memory
             info[f"{name}_status"] = f"unavailable: {str(err).splitlines()[0][:100]}"
             continue
-        info[f"{name}_ms"] = seconds * 1e3
         info[f"{name}_gbps"] = moved / seconds / 1e9
         info[f"speedup_vs_{name}"] = seconds / ours
 
@@ -119,11 +118,10 @@ def test_apply_rotary_emb(benchmark, device, dtype, rot, interleaved, offsets, m
 
     quick = benchmark.disabled
     with llmfast.backend("auto"):
-        benchmark.pedantic(_step(ours, [x], mode, device), rounds=20 if CUDA else 3,
-                           warmup_rounds=2 if CUDA else 1, iterations=1)
+        measure(benchmark, _step(ours, [x], mode, device))
     if quick and (rot, interleaved, offsets) != ("full", False, "int"):
         return  # the smoke run exercises the peers on one case
-    _record(benchmark, info, {"reference": eager, "compiled": _compiled(eager, quick)}, [x], mode, device,
+    _record(benchmark, info, {"reference": eager, "torch_compile": _compiled(eager, quick)}, [x], mode, device,
             2 * x.numel() * x.element_size())
 
 
@@ -148,7 +146,6 @@ def test_apply_rotary_pos_emb(benchmark, device, dtype, mode):
 
     quick = benchmark.disabled
     with llmfast.backend("auto"):
-        benchmark.pedantic(_step(ours, [q, k], mode, device), rounds=20 if CUDA else 3,
-                           warmup_rounds=2 if CUDA else 1, iterations=1)
-    _record(benchmark, info, {"reference": eager, "compiled": _compiled(eager, quick)}, [q, k], mode, device,
+        measure(benchmark, _step(ours, [q, k], mode, device))
+    _record(benchmark, info, {"reference": eager, "torch_compile": _compiled(eager, quick)}, [q, k], mode, device,
             2 * (q.numel() + k.numel()) * q.element_size())

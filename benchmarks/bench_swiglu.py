@@ -6,7 +6,7 @@ rows only check the wiring). ``benchmark.extra_info`` gets:
 * ``gbps``: bytes moved counting each element once: forward reads gate and up and writes the product (3 tensors);
   backward reads dy, gate and up and writes both gradients (5 tensors).
 * ``<peer>_ms``, ``<peer>_gbps``, ``speedup_vs_<peer>`` for ``reference`` (``F.silu(gate) * up`` in eager torch:
-  what Hugging Face's Llama MLP runs) and ``compiled`` (the same under ``torch.compile``: Inductor's fused kernels).
+  what Hugging Face's Llama MLP runs) and ``torch_compile`` (the same under ``torch.compile``: Inductor's fused kernels).
 * On a GPU, ``copy_gbps`` and ``fraction_of_copy_bandwidth`` (a device copy of the same bytes on the same card).
 
 Shapes: 8192 tokens x Llama-3-8B's intermediate size 14336 (and Gemma-7B's 24576 for GeGLU) on CUDA; small on
@@ -20,7 +20,7 @@ import torch
 import llmfast
 from llmfast.reference import swiglu as reference
 
-from conftest import copy_gbps, median_seconds, synchronize
+from conftest import copy_gbps, measure, synchronize, time_peer
 
 CUDA = torch.cuda.is_available()
 DTYPES = [torch.bfloat16, torch.float32] if CUDA else [torch.float32]
@@ -64,12 +64,11 @@ def test_gated_activation(benchmark, device, op, shape, dtype, mode):
                 backend="triton" if CUDA else "torch (auto backend on the CPU)",
                 dtype=str(dtype).replace("torch.", ""), shape=str(shape), op=op, mode=mode)
     with llmfast.backend("auto"):
-        benchmark.pedantic(_step(ours, gate, up, mode, device), rounds=20 if CUDA else 3,
-                           warmup_rounds=2 if CUDA else 1, iterations=1)
+        measure(benchmark, _step(ours, gate, up, mode, device))
     quick = benchmark.disabled or benchmark.stats is None
     torch._dynamo.reset()
     compiled = torch.compile(eager, backend="aot_eager" if quick and not CUDA else "inductor")
-    peers = {"reference": eager, "compiled": compiled}
+    peers = {"reference": eager, "torch_compile": compiled}
     if quick:
         for fn in peers.values():  # the smoke run exercises each peer once
             _step(fn, gate, up, mode, device)()
@@ -83,10 +82,9 @@ def test_gated_activation(benchmark, device, op, shape, dtype, mode):
         info["fraction_of_copy_bandwidth"] = info["gbps"] / copy
     for name, fn in peers.items():
         try:
-            seconds = median_seconds(_step(fn, gate, up, mode, device), device, repeats=10 if CUDA else 3)
+            seconds = time_peer(info, name, _step(fn, gate, up, mode, device), device, repeats=10 if CUDA else 5)
         except RuntimeError as err:  # e.g. out of memory
             info[f"{name}_status"] = f"unavailable: {str(err).splitlines()[0][:100]}"
             continue
-        info[f"{name}_ms"] = seconds * 1e3
         info[f"{name}_gbps"] = moved / seconds / 1e9
         info[f"speedup_vs_{name}"] = seconds / ours_s
