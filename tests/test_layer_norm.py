@@ -140,6 +140,11 @@ def test_non_contiguous_inputs(view):
     check(base, n, rand(n), rand(n), view=view)
 
 
+def test_strided_parameters_and_broadcast_input():
+    check(rand(5, 3, 8), (3, 8), rand(8, 3).t(), rand(3, 16)[:, ::2])  # non-contiguous weight and bias
+    check(rand(1, 40), 40, rand(40), rand(40), view=lambda t: t.expand(6, 40))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_torch(dtype):
     x, w, b = rand(8, 300, dtype=dtype), rand(300, dtype=dtype), rand(300, dtype=dtype)

@@ -112,7 +112,8 @@ def test_long_rows_loop(shape, dtype):
 
 @pytest.mark.parametrize("arch", ["sm80", "sm90"])
 @pytest.mark.parametrize("shape,kernel", [((3, 4096), "rms_norm_fwd"), ((2, 8192), "rms_norm_fwd"),
-                                          ((1, 20_000), "rms_norm_fwd_looped")], ids=str)
+                                          ((1, 20_000), "rms_norm_fwd_looped"),
+                                          ((1, 131_072), "rms_norm_bwd_looped")], ids=str)
 def test_gpu_tiles(monkeypatch, arch, shape, kernel):
     """The tiles a GPU launches (one row per program, 4096-16384 columns), numerically in the interpreter."""
     monkeypatch.setenv("LLMFAST_CONFIG_ARCH", arch)
@@ -139,6 +140,12 @@ def test_non_contiguous_inputs(view):
     base = rand(6, 10, 66)
     n = view(base).shape[-1]
     check(base, rand(n), rand(6, 10, 66), view=view, offset=0.25)
+
+
+def test_strided_weight_and_broadcast_input():
+    check(rand(5, 40), rand(80)[::2], rand(5, 40))           # a weight viewed with stride 2
+    base = rand(1, 40)
+    check(base, rand(40), view=lambda t: t.expand(6, 40))   # stride-0 rows
 
 
 def test_expanded_gradient():

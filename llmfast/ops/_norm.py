@@ -401,6 +401,9 @@ def forward(op: str, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
     """Run the forward kernels on rows of ``n_cols``: returns ``(y, h, mean, rstd)`` with y, h in x's shape
     (contiguous), ``h`` only with a residual, ``mean`` only for LayerNorm, both statistics fp32 ``(rows,)``."""
     xr = as_rows(x, n_cols)
+    # The kernels index the weight and bias as one dense vector of n_cols.
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
     n_rows = xr.shape[0]
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else None
@@ -439,6 +442,7 @@ def backward(op: str, dy: torch.Tensor, dh: torch.Tensor | None, x: torch.Tensor
     None when not asked for). ``x`` is the saved input (h for RMSNorm with a residual), ``dh`` the gradient
     reaching h directly."""
     xr, dyr = as_rows(x, n_cols), as_rows(dy, n_cols)
+    weight = weight.contiguous() if weight is not None else None
     dhr = as_rows(dh, n_cols) if dh is not None else dyr
     n_rows = xr.shape[0]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
