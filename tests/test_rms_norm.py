@@ -160,6 +160,16 @@ def test_expanded_gradient():
     torch.testing.assert_close(w.grad, w64.grad.float(), atol=1e-5, rtol=1e-5)
 
 
+def test_frozen_weight():
+    x, w = rand(6, 30).requires_grad_(), rand(30)  # w does not require grad: no weight gradient is computed
+    with llmfast.backend("triton"):
+        llmfast.rms_norm(x, w, offset=1.0).pow(2).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    ref.rms_norm(x64, w.double(), offset=1.0).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x64.grad.float(), atol=1e-5, rtol=1e-5)
+    assert w.grad is None
+
+
 def test_only_h_used_downstream():
     x, r = rand(4, 20).requires_grad_(), rand(4, 20).requires_grad_()
     with llmfast.backend("triton"):

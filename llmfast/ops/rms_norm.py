@@ -125,8 +125,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, *,
         residual: optional, x's shape and dtype: normalize ``h = x + residual`` instead and return ``(y, h)``.
 
     The math is fp32 whatever the input dtype: ``n`` is computed in fp32, cast back to x's dtype, multiplied by
-    ``offset + weight`` in fp32 and rounded once (Hugging Face LlamaRMSNorm's order, bit-exact with it for
-    ``offset=0``). Differentiable in x, weight and residual.
+    ``offset + weight`` in fp32 and rounded once (Hugging Face LlamaRMSNorm's order: its bits for ``offset=0``, up
+    to the last bit of the fp32 rsqrt). Differentiable in x, weight and residual.
     """
     _validation.check_tensor("x", x, dtypes=_validation.FLOAT_DTYPES)
     if x.dim() == 0:

@@ -8,7 +8,8 @@ Casting order (the Triton kernels follow it exactly):
    once to ``torch.promote_types(x.dtype, weight.dtype)``, the dtype Hugging Face's ``weight * n`` gives.
 
 With ``offset=0`` and a weight in x's dtype this is bit for bit ``LlamaRMSNorm`` (a product of two 16-bit floats
-is exact in float32). ``offset=1`` gives Gemma's ``(1 + weight)``; Gemma itself multiplies before casting ``n``
+is exact in float32), up to the last bit of the fp32 ``rsqrt``, which differs between implementations (a GPU's is
+approximate) and can, rarely, flip one rounding of ``n``. ``offset=1`` gives Gemma's ``(1 + weight)``; Gemma itself multiplies before casting ``n``
 back, which differs from this order by at most half an ulp of ``n``.
 
 Called on float64 inputs it is the judge of the kernels; on fp16/bf16 inputs it measures the error plain torch
