@@ -48,11 +48,16 @@ from llmfast.ops.softmax import cast_out
 
 @dataclasses.dataclass(frozen=True)
 class Tile:
-    """A program's tile: ``block_r`` rows by ``block_c`` columns, on ``num_warps`` warps."""
+    """A program's tile: ``block_r`` rows by ``block_c`` columns, on ``num_warps`` warps.
+
+    ``programs_per_sm`` (backward tiles): how many of these programs an SM holds at once, set by their registers
+    (65536 per SM; the counts compile_check reports), which sizes the persistent backward grid.
+    """
 
     block_r: int
     block_c: int
     num_warps: int
+    programs_per_sm: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +66,7 @@ class NormConfigs:
 
     ``fwd_tiles``/``bwd_tiles``: single-pass tiles keyed ``c<width>`` (the row length rounded up to a power of
     two, at least 16), up to ``max_single_pass`` / ``max_single_pass_bwd`` columns; ``looped``: the tile of the
-    looped kernels (one row per program, ``block_c`` columns per iteration); ``bwd_programs_per_sm``: the
-    backward grid, which sets how many partial weight-gradient rows are summed afterwards (0: the interpreter's
-    fixed few).
+    looped kernels (one row per program, ``block_c`` columns per iteration) forward and backward.
     """
 
     fwd_tiles: dict[str, Tile]
@@ -71,11 +74,10 @@ class NormConfigs:
     looped: Tile
     max_single_pass: int
     max_single_pass_bwd: int
-    bwd_programs_per_sm: int
 
 
-def _tiles(entries: Sequence[tuple[int, int, int]]) -> dict[str, Tile]:
-    return {f"c{c}": Tile(r, c, w) for r, c, w in entries}
+def _tiles(entries: Sequence[tuple[int, ...]]) -> dict[str, Tile]:
+    return {f"c{entry[1]}": Tile(*entry) for entry in entries}
 
 
 # GPUs: short rows several to a program (2048 elements per program up to 1024 columns), then one row per program
@@ -87,10 +89,14 @@ def _tiles(entries: Sequence[tuple[int, int, int]]) -> dict[str, Tile]:
 # few bytes at 4.
 _GPU_FWD = _tiles([(128, 16, 8), (64, 32, 8), (32, 64, 8), (16, 128, 4), (8, 256, 4), (4, 512, 4), (2, 1024, 4),
                    (1, 2048, 4), (1, 4096, 8), (1, 8192, 16), (1, 16384, 16)])
-_GPU_BWD = _tiles([(64, 16, 8), (32, 32, 8), (16, 64, 8), (8, 128, 8), (4, 256, 4), (2, 512, 4), (1, 1024, 4),
-                   (1, 2048, 4), (1, 4096, 8), (1, 8192, 16)])
-_GPU = NormConfigs(fwd_tiles=_GPU_FWD, bwd_tiles=_GPU_BWD, looped=Tile(1, 4096, 8), max_single_pass=16384,
-                   max_single_pass_bwd=8192, bwd_programs_per_sm=2)
+# The backward grid is persistent (each program walks many rows), so it is sized to what fits on the GPU at once:
+# (rows, columns, warps, programs per SM), the last from the registers compile_check reports (at most 64 for the
+# 8-warp tiles up to 128 columns, 80 for 256-1024 columns on 4 warps, 164 at 2048, 154 at 4096 on 8 warps, 128
+# at 8192 on 16 warps and in the looped kernel on 8 warps).
+_GPU_BWD = _tiles([(64, 16, 8, 4), (32, 32, 8, 4), (16, 64, 8, 4), (8, 128, 8, 4), (4, 256, 4, 6), (2, 512, 4, 6),
+                   (1, 1024, 4, 6), (1, 2048, 4, 3), (1, 4096, 8, 1), (1, 8192, 16, 1)])
+_GPU = NormConfigs(fwd_tiles=_GPU_FWD, bwd_tiles=_GPU_BWD, looped=Tile(1, 4096, 8, 2), max_single_pass=16384,
+                   max_single_pass_bwd=8192)
 NORM_CONFIGS: dict[str, NormConfigs] = {
     "sm90": _GPU,
     "sm80": _GPU,
@@ -98,8 +104,7 @@ NORM_CONFIGS: dict[str, NormConfigs] = {
     # (in 512-column steps), so tests reach the looped path at small sizes; few backward programs, still > 1.
     "interpreter": NormConfigs(fwd_tiles={k: v for k, v in _GPU_FWD.items() if v.block_c <= 1024},
                                bwd_tiles={k: v for k, v in _GPU_BWD.items() if v.block_c <= 1024},
-                               looped=Tile(1, 512, 4), max_single_pass=1024, max_single_pass_bwd=1024,
-                               bwd_programs_per_sm=0),
+                               looped=Tile(1, 512, 4), max_single_pass=1024, max_single_pass_bwd=1024),
 }
 INTERPRETER_BWD_PROGRAMS = 3  # the interpreter runs programs one by one: few, but several rows each
 
@@ -428,11 +433,12 @@ def forward(op: str, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
     return y, h, mean, rstd
 
 
-def _bwd_programs(n_units: int, configs: NormConfigs, device: torch.device) -> int:
-    if configs.bwd_programs_per_sm == 0 or device.type != "cuda":
+def _bwd_programs(n_units: int, tile: Tile, device: torch.device) -> int:
+    """The persistent backward grid: a full GPU's worth of programs, never more than there are row blocks."""
+    if device.type != "cuda" or _backend.triton_interpreter_enabled():
         return max(1, min(n_units, INTERPRETER_BWD_PROGRAMS))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_units, configs.bwd_programs_per_sm * sms))
+    return max(1, min(n_units, tile.programs_per_sm * sms))
 
 
 def backward(op: str, dy: torch.Tensor, dh: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor | None,
@@ -449,7 +455,7 @@ def backward(op: str, dy: torch.Tensor, dh: torch.Tensor | None, x: torch.Tensor
     arch = config_arch(x.device)
     configs = NORM_CONFIGS[arch]
     name, tile, looped = pick_tile(n_cols, configs, backward=True)
-    programs = _bwd_programs(n_rows if looped else triton.cdiv(n_rows, tile.block_r), configs, x.device)
+    programs = _bwd_programs(n_rows if looped else triton.cdiv(n_rows, tile.block_r), tile, x.device)
     launch = {**_launch_record(arch, name, tile), "programs": programs}
     # The looped kernel adds into its partial rows, so they start at zero; the single-pass one writes them whole.
     alloc = torch.zeros if looped else torch.empty
