@@ -1,6 +1,7 @@
 """Vocabulary-parallel cross-entropy (``process_group=``) on gloo: two CPU processes, each holding a slice of the
 classes, against the unsharded float64 reference (loss, logging outputs, and each rank's slice of the gradient);
-and ``fused_linear_cross_entropy`` with an FSDP2-style sharded (DTensor) weight."""
+and ``fused_linear_cross_entropy`` with an FSDP2-sharded (DTensor) lm-head weight, by hand and under
+``fully_shard``, against the single-process gradients of the global batch."""
 from __future__ import annotations
 
 import os
@@ -89,6 +90,8 @@ def _vocab_parallel_worker(rank: int, store_file: str, errors: str) -> None:
 
 
 def _fsdp_weight_worker(rank: int, store_file: str, errors: str) -> None:
+    """Data parallel with an FSDP2-style sharded lm-head: each rank has its own tokens; the weight's (sharded)
+    gradient is the average of the ranks' gradients, i.e. the single-process gradient of the global batch."""
     import llmfast
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -97,27 +100,71 @@ def _fsdp_weight_worker(rank: int, store_file: str, errors: str) -> None:
         _init(rank, store_file)
         torch.manual_seed(0)
         n, c, v = 10, 8, 30
-        hidden = torch.randn(n, c)
+        hidden = torch.randn(WORLD, n, c)  # every rank's batch, the same on all ranks
         weight = torch.randn(v, c) * 0.3
-        target = torch.randint(0, v, (n,))
+        bias = torch.randn(v) * 0.1
+        target = torch.randint(0, v, (WORLD, n))
         mesh = init_device_mesh("cpu", (WORLD,))
-        w_sharded = torch.nn.Parameter(distribute_tensor(weight, mesh, [Shard(0)]))  # an FSDP2-style lm-head
-        h = hidden.clone().requires_grad_()
+        w_sharded = torch.nn.Parameter(distribute_tensor(weight, mesh, [Shard(0)]))
+        b_sharded = torch.nn.Parameter(distribute_tensor(bias, mesh, [Shard(0)]))
+        h = hidden[rank].clone().requires_grad_()
         with llmfast.backend("triton"):
-            loss = llmfast.fused_linear_cross_entropy(h, w_sharded, target, chunk_size=4)
+            loss = llmfast.fused_linear_cross_entropy(h, w_sharded, target[rank], b_sharded, chunk_size=4)
         loss.backward()
-        h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
-        want = torch.nn.functional.cross_entropy(h64 @ w64.t(), target)
+        # single process, global batch (2 x n tokens: the mean of the ranks' means)
+        h64, w64, b64 = hidden.double().requires_grad_(), weight.double().requires_grad_(), \
+            bias.double().requires_grad_()
+        want = torch.nn.functional.cross_entropy((h64 @ w64.t() + b64).reshape(-1, v), target.reshape(-1))
         want.backward()
-        torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-5, atol=1e-6)
+        want_rank = torch.nn.functional.cross_entropy(h64[rank].detach() @ w64.detach().t() + b64.detach(),
+                                                      target[rank])
+        torch.testing.assert_close(loss.double(), want_rank, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(h.grad.double(), h64.grad[rank] * WORLD, rtol=1e-5, atol=1e-6)
         assert type(w_sharded.grad).__name__ == "DTensor"  # the gradient went back to the shards
+        assert w_sharded.grad.placements == w_sharded.placements
         torch.testing.assert_close(w_sharded.grad.full_tensor().double(), w64.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b_sharded.grad.full_tensor().double(), b64.grad, rtol=1e-5, atol=1e-6)
+        _fully_shard_model(rank, hidden, target)
         dist.destroy_process_group()
     except BaseException:
         with open(f"{errors}.{rank}", "w") as f:
             f.write(traceback.format_exc())
         raise
+
+
+def _fully_shard_model(rank: int, hidden: torch.Tensor, target: torch.Tensor) -> None:
+    """A model under torch's FSDP2 (``fully_shard`` per block and at the root): the loss takes
+    ``model.lm_head.weight``, which FSDP2 has resharded after the model's forward (a DTensor); every gradient
+    matches the single-process run on the global batch."""
+    import llmfast
+    from torch.distributed.fsdp import fully_shard
+
+    c, v = hidden.shape[-1], 30
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Linear(c, c)
+            self.lm_head = torch.nn.Linear(c, v, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.body(x))
+
+    torch.manual_seed(1)
+    model, single = Model(), Model()
+    single.load_state_dict(model.state_dict())
+    fully_shard(model.body)
+    fully_shard(model.lm_head)
+    fully_shard(model)
+    h = model(hidden[rank])
+    assert type(model.lm_head.weight).__name__ == "DTensor"
+    with llmfast.backend("triton"):
+        llmfast.fused_linear_cross_entropy(h, model.lm_head.weight, target[rank], chunk_size=3).backward()
+    want = torch.nn.functional.cross_entropy(single.lm_head(single(hidden.reshape(-1, c))), target.reshape(-1))
+    want.backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad.full_tensor(), dict(single.named_parameters())[name].grad,
+                                   rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def _spawn(worker) -> None:

@@ -177,16 +177,25 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
         return gh, gw, gb, None, None, None, None, None, None, None, None
 
 
-def _full_tensor(name: str, t: torch.Tensor | None) -> torch.Tensor | None:
-    """An FSDP2 / DTensor parameter gathered whole with ``full_tensor()``, which is differentiable: the gradient
-    computed for the full tensor flows back to the shards (reduce-scattered) through DTensor's autograd."""
+def _full_tensor(t: torch.Tensor | None) -> torch.Tensor | None:
+    """An FSDP2-sharded (DTensor) parameter gathered whole, differentiably.
+
+    The loss is a data-parallel rank's loss, so the gradient that flows back is averaged over the mesh: the full
+    tensor's gradient is declared ``Partial("avg")`` and redistributed to the parameter's placements (a
+    reduce-scatter for ``Shard``, an all-reduce for ``Replicate``), which is what FSDP2's own reduce-scatter does
+    for the parameters of the modules it runs. (A parameter that FSDP2 has unsharded for a forward arrives as a
+    plain tensor and is left to FSDP2.)
+    """
     if t is None:
         return None
     try:
-        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor import DTensor, Partial, Replicate
     except ImportError:  # torch built without distributed
         return t
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    if not isinstance(t, DTensor):
+        return t
+    ndim = t.device_mesh.ndim
+    return t.redistribute(t.device_mesh, [Replicate()] * ndim).to_local(grad_placements=[Partial("avg")] * ndim)
 
 
 def fused_linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -202,7 +211,8 @@ def fused_linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target
     Args:
         input: ``(N, C)`` (or ``(..., C)``) hidden states, fp16/bf16/fp32/fp64.
         weight: ``(V, C)`` output projection (e.g. the tied embedding), same dtype as ``input``. An FSDP2-sharded
-            ``DTensor`` is gathered with ``full_tensor()`` (its gradient goes back to the shards).
+            ``DTensor`` is gathered whole; its gradient goes back to the shards averaged over the mesh, as FSDP2
+            averages data-parallel gradients.
         target: int64/int32 class indices shaped like ``input`` without its last dim.
         bias: optional ``(V,)``.
         ce_weight: optional per-class loss weight ``(V,)`` (``weight`` of :func:`cross_entropy`).
@@ -227,7 +237,7 @@ def fused_linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target
     check_options(target, ignore_index, reduction, label_smoothing, lse_square_scale, softcap, flags)
     if accum_dtype is not None and accum_dtype not in FLOAT_DTYPES:
         raise TypeError(f"accum_dtype must be None or a floating dtype {FLOAT_DTYPES}, got {accum_dtype!r}")
-    weight, bias = _full_tensor("weight", weight), _full_tensor("bias", bias)
+    weight, bias = _full_tensor(weight), _full_tensor(bias)
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"input must have shape (N, C) with C = weight.shape[1] = {weight.shape[1]}, "
                          f"got {tuple(hidden.shape)}")
