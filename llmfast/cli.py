@@ -1,11 +1,13 @@
-"""``python -m llmfast`` / ``llmfast``: train the small GPT on a text file, sample from it, measure perplexity.
+"""``python -m llmfast`` / ``llmfast``: train a small GPT or Llama on a text file, sample from it, measure perplexity.
 
     llmfast train --data FILE --steps N --out DIR     # prints "step N train_loss X val_loss Y val_ppl Z" lines
+    llmfast train --arch llama ...                    # the Llama-style model (RMSNorm, rotary, GQA, SwiGLU)
     llmfast generate DIR --prompt TEXT --max-new-tokens N
     llmfast eval DIR --data FILE
 
-A checkpoint directory holds ``model.safetensors`` (the weights) and ``config.json`` (model sizes, the tokenizer,
-the training settings and final losses). Bad arguments end with one line on stderr and a non-zero exit status.
+A checkpoint directory holds ``model.safetensors`` (the weights) and ``config.json`` (the architecture and its
+sizes, the tokenizer, the training settings and final losses); generate and eval rebuild whichever model it
+records. Bad arguments end with one line on stderr and a non-zero exit status.
 """
 from __future__ import annotations
 
@@ -24,11 +26,15 @@ import torch
 import llmfast
 from llmfast import _backend
 from llmfast.models.gpt import GPT, GPTConfig
+from llmfast.models.llama import Llama, LlamaConfig
 
 if TYPE_CHECKING:
     from llmfast.tokenizer import Encoding
 
-CHECKPOINT_FORMAT = "llmfast-gpt"
+CHECKPOINT_FORMAT = "llmfast-gpt"  # the format's name predates --arch; config.json's "arch" names the model
+# --arch: the model class and its config class. A checkpoint without "arch" (older ones) is a GPT.
+ARCHITECTURES: dict[str, tuple[type, type]] = {"gpt": (GPT, GPTConfig), "llama": (Llama, LlamaConfig)}
+Model = GPT | Llama
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -183,13 +189,14 @@ def read_text(path: str, flag: str = "--data") -> str:
         raise CliError(f"{flag} {path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
 
 
-def save_checkpoint(model: GPT, tokenizer: ByteTokenizer | NamedBPETokenizer, out_dir: Path, training: dict) -> None:
+def save_checkpoint(model: Model, tokenizer: ByteTokenizer | NamedBPETokenizer, out_dir: Path, training: dict) -> None:
     from safetensors.torch import save_model
 
     save_model(model, str(out_dir / WEIGHTS_FILE))  # stores the tied embedding/head matrix once
     meta = {
         "format": CHECKPOINT_FORMAT,
         "llmfast_version": llmfast.__version__,
+        "arch": next(name for name, (cls, _) in ARCHITECTURES.items() if isinstance(model, cls)),
         "model": dataclasses.asdict(model.config),
         "tokenizer": tokenizer.config(),
         "training": training,
@@ -197,7 +204,7 @@ def save_checkpoint(model: GPT, tokenizer: ByteTokenizer | NamedBPETokenizer, ou
     (out_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def load_checkpoint(directory: str, device: torch.device) -> tuple[GPT, ByteTokenizer | NamedBPETokenizer, dict]:
+def load_checkpoint(directory: str, device: torch.device) -> tuple[Model, ByteTokenizer | NamedBPETokenizer, dict]:
     from safetensors.torch import load_model
 
     ckpt = Path(directory)
@@ -212,16 +219,21 @@ def load_checkpoint(directory: str, device: torch.device) -> tuple[GPT, ByteToke
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CliError(f"checkpoint {directory}: {CONFIG_FILE} is not valid JSON ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise CliError(f"checkpoint {directory}: {CONFIG_FILE} is not an llmfast GPT checkpoint config")
+        raise CliError(f"checkpoint {directory}: {CONFIG_FILE} is not an llmfast model checkpoint config")
+    arch = meta.get("arch", "gpt")
+    if arch not in ARCHITECTURES:
+        raise CliError(f"checkpoint {directory}: unknown arch {arch!r} in {CONFIG_FILE} "
+                       f"(accepts {', '.join(ARCHITECTURES)})")
+    model_class, config_class = ARCHITECTURES[arch]
     try:
-        config = GPTConfig(**meta["model"])
+        config = config_class(**meta["model"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CliError(f"checkpoint {directory}: bad model config in {CONFIG_FILE} ({exc})") from None
     tokenizer = load_tokenizer(meta.get("tokenizer"), ckpt)
     if tokenizer.vocab_size > config.vocab_size:
         raise CliError(f"checkpoint {directory}: tokenizer has {tokenizer.vocab_size} tokens but the model "
                        f"only {config.vocab_size}")
-    model = GPT(config)
+    model = model_class(config)
     try:
         load_model(model, str(weights_path), strict=True)
     except Exception as exc:  # safetensors and load_state_dict raise several types, with multi-line messages
@@ -255,7 +267,7 @@ def get_batch(ids: torch.Tensor, block_size: int, batch_size: int, generator: to
 
 
 @torch.no_grad()
-def estimate_loss(model: GPT, ids: torch.Tensor, block_size: int, batch_size: int, iters: int, seed: int,
+def estimate_loss(model: Model, ids: torch.Tensor, block_size: int, batch_size: int, iters: int, seed: int,
                   device: torch.device) -> float:
     """Mean loss over ``iters`` random batches; the same batches at every call, so evaluations compare."""
     generator = torch.Generator().manual_seed(seed)
@@ -274,8 +286,8 @@ def learning_rate(step: int, max_lr: float, min_lr: float, warmup_steps: int, to
     return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: GPT, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on the matrices only (not on biases and LayerNorm gains)."""
+def make_optimizer(model: Model, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only (not on biases and norm gains)."""
     params = list(model.parameters())  # the tied embedding/head matrix appears once
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -293,13 +305,51 @@ def log_line(step: int, train_loss: float, val_loss: float) -> str:
 # Commands.
 
 
+def check_model_args(args: argparse.Namespace) -> None:
+    """The size flags' combinations each --arch needs, reported naming the flags (before any data is read)."""
+    if args.n_embd % args.n_head != 0:
+        raise CliError(f"--n-embd must be a multiple of --n-head, got --n-embd {args.n_embd} and "
+                       f"--n-head {args.n_head}", exit_code=2)
+    if args.arch != "llama":
+        for flag in ("n_kv_head", "intermediate_size", "rope_theta"):
+            if getattr(args, flag) is not None:
+                raise CliError(f"--{flag.replace('_', '-')} is a --arch llama option (got --arch {args.arch})",
+                               exit_code=2)
+        if args.untied_head:
+            raise CliError(f"--untied-head is a --arch llama option (got --arch {args.arch})", exit_code=2)
+        return
+    if (args.n_embd // args.n_head) % 2:
+        raise CliError(f"--arch llama needs an even head dim --n-embd / --n-head (rotary embeddings rotate pairs), "
+                       f"got {args.n_embd} / {args.n_head} = {args.n_embd // args.n_head}", exit_code=2)
+    n_kv_head = default_kv_heads(args.n_head) if args.n_kv_head is None else args.n_kv_head
+    if args.n_head % n_kv_head:
+        raise CliError(f"--n-head must be a multiple of --n-kv-head, got --n-head {args.n_head} and "
+                       f"--n-kv-head {n_kv_head}", exit_code=2)
+
+
+def default_kv_heads(n_head: int) -> int:
+    """Llama's grouped-query attention by default: half as many key/value heads as query heads (when even)."""
+    return n_head // 2 if n_head % 2 == 0 else n_head
+
+
+def model_config(args: argparse.Namespace, vocab_size: int) -> GPTConfig | LlamaConfig:
+    """The --arch model's config from the size flags."""
+    common = dict(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+                  n_embd=args.n_embd, dropout=args.dropout)
+    if args.arch == "llama":
+        return LlamaConfig(**common,
+                           n_kv_head=default_kv_heads(args.n_head) if args.n_kv_head is None else args.n_kv_head,
+                           intermediate_size=args.intermediate_size,
+                           rope_theta=args.rope_theta if args.rope_theta is not None else 10000.0,
+                           tie_word_embeddings=not args.untied_head)
+    return GPTConfig(**common)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     device = resolve_device(args.device)
-    if args.n_embd % args.n_head != 0:
-        raise CliError(f"--n-embd must be a multiple of --n-head, got --n-embd {args.n_embd} and "
-                       f"--n-head {args.n_head}", exit_code=2)
+    check_model_args(args)
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise CliError(f"--out {args.out}: exists and is not a directory")
@@ -317,15 +367,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CliError(f"--tokenizer {args.tokenizer}: {exc}") from None
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     train_ids, val_ids = split_train_val(ids, args.block_size)
-    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
-    model = GPT(config).to(device)
+    config = model_config(args, tokenizer.vocab_size)
+    model = ARCHITECTURES[args.arch][0](config).to(device)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     warmup = args.warmup_steps if args.warmup_steps is not None else min(100, args.steps // 10)
     min_lr = args.lr * args.min_lr_ratio
     batches = torch.Generator().manual_seed(args.seed)
     print(f"data {source}: {len(ids)} tokens ({args.tokenizer}), {len(train_ids)} train / {len(val_ids)} val")
-    print(f"model {model.num_parameters()} parameters: n_layer {config.n_layer} n_head {config.n_head} "
+    heads = f"n_head {config.n_head}" + (f" n_kv_head {config.n_kv_head}" if args.arch == "llama" else "")
+    print(f"model {args.arch} {model.num_parameters()} parameters: n_layer {config.n_layer} {heads} "
           f"n_embd {config.n_embd} block_size {config.block_size}; device {device}, backend {args.backend}, "
           f"{torch.get_num_threads()} CPU thread{'s' if torch.get_num_threads() != 1 else ''}")
 
@@ -405,7 +455,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 @torch.no_grad()
-def evaluate_nll(model: GPT, ids: torch.Tensor, batch_size: int, device: torch.device) -> float:
+def evaluate_nll(model: Model, ids: torch.Tensor, batch_size: int, device: torch.device) -> float:
     """Mean next-token loss over all of ``ids``, in consecutive windows of ``block_size`` predictions."""
     block_size = model.config.block_size
     n_targets = len(ids) - 1
@@ -468,7 +518,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="llmfast", description="Train, sample from and evaluate llmfast's small GPT.")
+    parser = _Parser(prog="llmfast", description="Train, sample from and evaluate llmfast's small GPT or Llama.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,eval}")
 
     def add_common(sub: argparse.ArgumentParser) -> None:
@@ -479,7 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="CPU threads for torch (default: the idle usable cores, at least 1)")
 
     defaults = GPTConfig()
-    train = commands.add_parser("train", help="train a GPT on a text file")
+    train = commands.add_parser("train", help="train a GPT or a Llama on a text file")
+    train.add_argument("--arch", default="gpt", choices=list(ARCHITECTURES),
+                       help="gpt (GPT-2 style, default) or llama (RMSNorm, rotary, grouped-query attention, SwiGLU)")
     train.add_argument("--data", help="UTF-8 text file (default: Python's built-in pydoc_data.topics)")
     train.add_argument("--out", required=True, help="directory for model.safetensors and config.json")
     train.add_argument("--steps", type=non_negative_int, default=300, help="optimizer steps (default 300)")
@@ -491,6 +543,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--n-head", type=positive_int, default=defaults.n_head)
     train.add_argument("--n-embd", type=positive_int, default=defaults.n_embd)
     train.add_argument("--block-size", type=positive_int, default=defaults.block_size, help="context length")
+    train.add_argument("--n-kv-head", type=positive_int, default=None,
+                       help="--arch llama: key/value heads (default: half of --n-head when even)")
+    train.add_argument("--intermediate-size", type=positive_int, default=None,
+                       help="--arch llama: SwiGLU width (default: 8/3 of --n-embd rounded up to 32)")
+    train.add_argument("--rope-theta", type=positive_float, default=None,
+                       help="--arch llama: rotary base (default 10000)")
+    train.add_argument("--untied-head", action="store_true",
+                       help="--arch llama: a separate output matrix instead of the tied token embedding")
     train.add_argument("--dropout", type=dropout_float, default=defaults.dropout)
     train.add_argument("--batch-size", type=positive_int, default=16)
     train.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate (default 3e-3)")
