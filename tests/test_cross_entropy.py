@@ -351,7 +351,7 @@ def test_bad_input_raises():
     # the options
     with pytest.raises(ValueError, match=r"weight must have shape \(10,\), one entry per class, got \(9,\)"):
         llmfast.cross_entropy(logits, t, torch.rand(9))
-    with pytest.raises(TypeError, match="weight must be a .* got int -100 .ignore_index is a keyword"):
+    with pytest.raises(TypeError, match="weight must be a .* got int -100 .ignore_index comes after it"):
         llmfast.cross_entropy(logits, t, -100)
     with pytest.raises(ValueError, match=r"ce_weight must have shape \(10,\)"):
         llmfast.fused_linear_cross_entropy(h, w, t, ce_weight=torch.rand(3))
@@ -701,3 +701,23 @@ def test_fused_linear_module():
                                           softcap=3.0, lse_square_scale=1e-3, return_predicted_tokens=True)
     torch.testing.assert_close(got.loss.double(), want.loss, rtol=1e-5, atol=1e-5)
     assert got.predicted_tokens.shape == target.shape and "softcap=3.0" in repr(module)
+
+
+def test_liger_names_change_only_the_import():
+    """Code written against liger_kernel.transformers(.functional) runs with only the import changed."""
+    from llmfast import liger_cross_entropy, liger_fused_linear_cross_entropy
+    from llmfast.nn import LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
+
+    logits, t = torch.randn(6, 20), _targets(6, 20)
+    hidden, lin_weight = torch.randn(6, 5), torch.randn(20, 5)
+    w = torch.rand(20)
+    with llmfast.backend("triton"):
+        loss, z_loss = liger_cross_entropy(logits, t, w, lse_square_scale=1e-4, return_z_loss=True)
+        module_out = LigerCrossEntropyLoss(w, -100, 1e-4, 0.0, "mean", None, True)(logits, t)
+        fused = liger_fused_linear_cross_entropy(hidden, lin_weight, t, None, w, -100, 1e-4)
+        fused_module = LigerFusedLinearCrossEntropyLoss(ce_weight=w, lse_square_scale=1e-4)(lin_weight, hidden, t)
+    torch.testing.assert_close(module_out.loss, loss)
+    torch.testing.assert_close(module_out.z_loss, z_loss)
+    torch.testing.assert_close(fused_module, fused)
+    want = ref.cross_entropy(hidden.double() @ lin_weight.double().t(), t, w.double(), lse_square_scale=1e-4)
+    torch.testing.assert_close(fused.double(), want, rtol=1e-5, atol=1e-6)

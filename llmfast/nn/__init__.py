@@ -1,6 +1,7 @@
 """Modules over the public ops: drop-in where torch.nn has an equivalent, with torch's constructor arguments."""
 from llmfast.nn.attention import CausalSelfAttention, KVCache
-from llmfast.nn.cross_entropy import CrossEntropyLoss, FusedLinearCrossEntropyLoss
+from llmfast.nn.cross_entropy import (CrossEntropyLoss, FusedLinearCrossEntropyLoss, LigerCrossEntropyLoss,
+                                      LigerFusedLinearCrossEntropyLoss)
 from llmfast.nn.normalization import LayerNorm, RMSNorm
 from llmfast.nn.rotary import RotaryEmbedding
 from llmfast.nn.softmax import LogSoftmax, Softmax
@@ -15,6 +16,8 @@ __all__ = [
     "GeGLUMLP",
     "KVCache",
     "LayerNorm",
+    "LigerCrossEntropyLoss",
+    "LigerFusedLinearCrossEntropyLoss",
     "LogSoftmax",
     "MLP",
     "RMSNorm",

@@ -105,3 +105,40 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
             if value not in (0.0, None, False):
                 text += f", {name}={value!r}"
         return text
+
+
+class LigerCrossEntropyLoss(torch.nn.Module):
+    """Liger-Kernel's ``LigerCrossEntropyLoss`` (same constructor, positional order included, and
+    ``forward(_input, target)``) on :func:`llmfast.cross_entropy`: code written against Liger-Kernel changes only
+    its import. Returns the loss, or a :class:`llmfast.CrossEntropyOutput` when a ``return_*`` flag is set."""
+
+    def __init__(self, weight: torch.Tensor | None = None, ignore_index: int = -100, lse_square_scale: float = 0.0,
+                 label_smoothing: float = 0.0, reduction: str = "mean", softcap: float | None = None,
+                 return_z_loss: bool = False, return_token_accuracy: bool = False,
+                 return_predicted_tokens: bool = False) -> None:
+        super().__init__()
+        self.weight = weight
+        self.ignore_index = ignore_index
+        self.lse_square_scale = lse_square_scale
+        self.label_smoothing = label_smoothing
+        self.reduction = reduction
+        self.softcap = softcap
+        self.return_z_loss = return_z_loss
+        self.return_token_accuracy = return_token_accuracy
+        self.return_predicted_tokens = return_predicted_tokens
+
+    def forward(self, _input: torch.Tensor, target: torch.Tensor):
+        return ops.cross_entropy(_input, target, self.weight, ignore_index=self.ignore_index,
+                                 reduction=self.reduction, label_smoothing=self.label_smoothing,
+                                 lse_square_scale=self.lse_square_scale, softcap=self.softcap,
+                                 return_z_loss=self.return_z_loss, return_token_accuracy=self.return_token_accuracy,
+                                 return_predicted_tokens=self.return_predicted_tokens)
+
+
+class LigerFusedLinearCrossEntropyLoss(FusedLinearCrossEntropyLoss):
+    """Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss``: the constructor of :class:`FusedLinearCrossEntropyLoss`
+    with Liger's ``forward(lin_weight, _input, target, bias=None)`` argument order."""
+
+    def forward(self, lin_weight: torch.Tensor, _input: torch.Tensor, target: torch.Tensor,
+                bias: torch.Tensor | None = None):
+        return super().forward(_input, lin_weight, target, bias)

@@ -29,7 +29,12 @@ from llmfast.ops.cross_entropy._linear import (CHUNK_LOGITS_BYTES, MIN_CHUNK_ROW
                                                fused_linear_cross_entropy, peak_memory_bytes)
 from llmfast.reference.cross_entropy import CrossEntropyOutput
 
-__all__ = ["cross_entropy", "fused_linear_cross_entropy", "CrossEntropyOutput", "compile_specs",
+# Liger-Kernel's functional names (liger_kernel.transformers.functional): same arguments, order and returns.
+liger_cross_entropy = cross_entropy
+liger_fused_linear_cross_entropy = fused_linear_cross_entropy
+
+__all__ = ["cross_entropy", "fused_linear_cross_entropy", "CrossEntropyOutput", "liger_cross_entropy",
+           "liger_fused_linear_cross_entropy", "compile_specs",
            "peak_memory_bytes", "chunk_rows", "LossOptions", "RowsOut", "rows_triton", "rows_torch", "CE_TILES",
            "VocabTile", "pick_ce_tile", "REDUCTIONS", "TARGET_DTYPES", "LOGIT_DTYPES", "MIN_CHUNKS",
            "CHUNK_LOGITS_BYTES", "MIN_CHUNK_ROWS"]

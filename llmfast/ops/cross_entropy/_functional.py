@@ -58,8 +58,8 @@ def check_class_weight(name: str, weight: object, n_classes: int, device: torch.
     if weight is None:
         return None
     if isinstance(weight, int) and not isinstance(weight, bool):
-        raise TypeError(f"{name} must be a (C,) float tensor or None, got int {weight} (ignore_index is a keyword or "
-                        "the 5th positional argument, as in torch.nn.functional.cross_entropy)")
+        raise TypeError(f"{name} must be a (C,) float tensor or None, got int {weight} (ignore_index comes after it: "
+                        "pass it by keyword, as torch's and Liger-Kernel's signatures order them)")
     _validation.check_tensor(name, weight, ndim=1, dtypes=_validation.FLOAT_DTYPES)
     if weight.shape[0] != n_classes:
         raise ValueError(f"{name} must have shape ({n_classes},), one entry per class, got {tuple(weight.shape)}")
