@@ -211,6 +211,21 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(got, exact.float(), atol=1e-5, rtol=1e-5)
 
 
+def test_torch_compile_dynamic_shapes():
+    def f(x, w, b):
+        return llmfast.layer_norm(x, x.shape[-1], w, b)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
+    with llmfast.backend("triton"):
+        for shape in [(3, 5, 24), (2, 7, 24), (4, 24)]:
+            x, w, b = rand(*shape).requires_grad_(), rand(24).requires_grad_(), rand(24).requires_grad_()
+            out = compiled(x, w, b)
+            out.pow(2).sum().backward()
+            torch.testing.assert_close(out, f(x.detach(), w.detach(), b.detach()), atol=0, rtol=0)
+            assert x.grad.shape == x.shape and b.grad.shape == b.shape
+
+
 @pytest.mark.parametrize("kw", [{}, {"elementwise_affine": False}, {"bias": False}, {"eps": 1e-3}])
 def test_module_is_a_drop_in(kw):
     theirs = torch.nn.LayerNorm(32, device=DEVICE, **kw)

@@ -281,6 +281,22 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(block.norm.weight.grad, w64.grad.float(), atol=1e-5, rtol=1e-5)
 
 
+def test_torch_compile_dynamic_shapes():
+    def f(x, w, r):
+        y, h = llmfast.rms_norm(x, w, residual=r)
+        return y * h
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
+    with llmfast.backend("triton"):
+        for shape in [(3, 5, 24), (2, 7, 24), (4, 24)]:
+            x, w, r = rand(*shape).requires_grad_(), rand(24).requires_grad_(), rand(*shape)
+            out = compiled(x, w, r)
+            out.sum().backward()
+            torch.testing.assert_close(out, f(x.detach(), w.detach(), r), atol=0, rtol=0)
+            assert x.grad.shape == x.shape and w.grad.shape == w.shape
+
+
 def test_module_state_matches_hugging_face():
     norm = RMSNorm(16, eps=1e-5, device=DEVICE)
     assert [n for n, _ in norm.named_parameters()] == ["weight"]
