@@ -4,11 +4,15 @@ Each function here has the signature of ``liger_kernel.transformers.functional``
 argument names, order and defaults) and runs llmfast's kernel for it, so code written against Liger-Kernel changes
 only its import. Where Liger-Kernel's arguments differ from llmfast's own functions (``X``/``W`` for ``x``/``weight``,
 ``liger_layer_norm`` without ``normalized_shape``, ``liger_geglu``'s tanh GELU) the translation happens here.
-docs/COMPATIBILITY.md lists Liger-Kernel's functions that llmfast does not have.
+The same functions are also ``llmfast.liger_*``. docs/COMPATIBILITY.md lists Liger-Kernel's functions that llmfast
+does not have.
 """
 from __future__ import annotations
 
 import torch
+
+# The losses have Liger-Kernel's signatures already (plus keyword-only extras): the same objects.
+from llmfast.ops.cross_entropy import liger_cross_entropy, liger_fused_linear_cross_entropy
 
 __all__ = [
     "liger_cross_entropy",
@@ -20,34 +24,6 @@ __all__ = [
     "liger_geglu",
     "liger_softmax",
 ]
-
-
-def liger_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
-                        size_average: bool | None = None, ignore_index: int = -100, reduce: bool | None = None,
-                        reduction: str = "mean", label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
-                        softcap: float | None = None, return_z_loss: bool = False,
-                        return_token_accuracy: bool = False, return_predicted_tokens: bool = False):
-    """Liger-Kernel's ``liger_cross_entropy``: :func:`llmfast.cross_entropy` (the loss, or a
-    :class:`llmfast.CrossEntropyOutput` when any ``return_*`` flag is set, as Liger-Kernel returns)."""
-    from llmfast.ops.cross_entropy import cross_entropy
-
-    return cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
-                         lse_square_scale, softcap, return_z_loss, return_token_accuracy, return_predicted_tokens)
-
-
-def liger_fused_linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                                     bias: torch.Tensor | None = None, ce_weight: torch.Tensor | None = None,
-                                     ignore_index: int = -100, lse_square_scale: float = 0.0,
-                                     label_smoothing: float = 0.0, reduction: str = "mean",
-                                     softcap: float | None = None, return_z_loss: bool = False,
-                                     accum_dtype: torch.dtype | None = None, use_token_scaling: bool = False,
-                                     return_token_accuracy: bool = False, return_predicted_tokens: bool = False):
-    """Liger-Kernel's ``liger_fused_linear_cross_entropy``: :func:`llmfast.fused_linear_cross_entropy`."""
-    from llmfast.ops.cross_entropy import fused_linear_cross_entropy
-
-    return fused_linear_cross_entropy(input, weight, target, bias, ce_weight, ignore_index, lse_square_scale,
-                                      label_smoothing, reduction, softcap, return_z_loss, accum_dtype,
-                                      use_token_scaling, return_token_accuracy, return_predicted_tokens)
 
 
 # Liger-Kernel's casting modes by name and by its integer codes.
