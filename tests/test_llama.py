@@ -222,6 +222,27 @@ def test_trains_and_decodes_under_the_triton_backend():
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_torch_compile_fullgraph_under_the_triton_backend():
+    """The whole model (logits, then backward) traces into one graph: every llmfast op is a custom op."""
+    torch.manual_seed(1)
+    model = Llama(LlamaConfig(vocab_size=19, block_size=8, n_layer=1, n_head=4, n_kv_head=2, n_embd=16))
+    idx = torch.randint(0, 19, (2, 8))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with llmfast.backend("triton"):
+        logits = compiled(idx)
+        logits.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with llmfast.backend("reference"):
+        want = model(idx)
+        want.square().mean().backward()
+    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-5)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
 # --- the command line ---------------------------------------------------------------------------------------------
 
 TINY_FLAGS = ["--arch", "llama", "--n-layer", "1", "--n-head", "4", "--n-kv-head", "2", "--n-embd", "32",

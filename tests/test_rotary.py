@@ -365,3 +365,21 @@ def test_every_launchable_config_is_compile_checked(monkeypatch, arch):
     for half in range(1, 300):
         name, _ = ops.pick_config(half, torch.device("cpu"))
         assert name in configs, f"{name} (half rotary dim {half}) is not compile-checked"
+
+
+def test_torch_compile_fullgraph_reference_path_with_position_tensors():
+    """On the reference path the host-side position check is skipped while tracing (it would break the graph)."""
+    def fn(x, q, k, cos, sin, full_cos, full_sin, offsets, position_ids):
+        a = llmfast.apply_rotary_emb(x, cos, sin, seqlen_offsets=offsets)
+        qe, ke = llmfast.apply_rotary_pos_emb(q, k, full_cos, full_sin, position_ids)
+        return a, qe, ke
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    cos, sin = tables(9, 8)
+    full_cos, full_sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+    args = (rand(2, 5, 3, 8), rand(2, 4, 5, 8), rand(2, 2, 5, 8), cos, sin, full_cos, full_sin,
+            torch.tensor([0, 4], device=DEVICE), torch.randint(0, 9, (2, 5), device=DEVICE))
+    with llmfast.backend("reference"):
+        for got, want in zip(compiled(*args), fn(*args)):
+            torch.testing.assert_close(got, want)

@@ -79,6 +79,14 @@ def test_matches_reference(shape, op, dtype):
 
 
 @pytest.mark.parametrize("op", list(OPS))
+def test_long_row(op, monkeypatch):
+    """70 001 columns: a row of many blocks, the last one partial (the GPU's 1024-wide blocks: the interpreter's
+    64-wide ones would take a minute here)."""
+    monkeypatch.setenv("LLMFAST_CONFIG_ARCH", "sm90")
+    check(op, rand(1, 70_001, dtype=BF16, scale=4.0), rand(1, 70_001, dtype=BF16))
+
+
+@pytest.mark.parametrize("op", list(OPS))
 def test_extreme_gates(op):
     """Huge gates: silu/gelu saturate (exp overflows to inf inside the kernels) without NaN."""
     gate = torch.tensor([[-1e4, -100.0, -20.0, -1e-6, 0.0, 1e-6, 20.0, 100.0, 1e4]], device=DEVICE)

@@ -443,7 +443,9 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inte
     _check_flash_args(x, cos, sin, interleaved, inplace, seqlen_offsets)
     impl = _backend.resolve("apply_rotary_emb", x)
     if (impl != "triton" or x.dtype not in _KERNEL_DTYPES or x.numel() == 0 or _needs_table_grad(cos, sin)):
-        if isinstance(seqlen_offsets, torch.Tensor):  # the kernel path checks these inside its custom op
+        # The kernel path checks tensor positions inside its custom op. Under torch.compile this data-dependent
+        # check would break the graph; torch's own indexing then bounds-checks the reference's gather.
+        if isinstance(seqlen_offsets, torch.Tensor) and not torch.compiler.is_compiling():
             _check_positions(seqlen_offsets, x.shape[1], cos.shape[0], "seqlen_offsets")
         return reference.apply_rotary_emb(x, cos, sin, interleaved, inplace, seqlen_offsets)
     offsets_tensor = seqlen_offsets if isinstance(seqlen_offsets, torch.Tensor) else None
@@ -475,7 +477,7 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     impl = _backend.resolve("apply_rotary_pos_emb", q)
     if (impl != "triton" or q.dtype not in _KERNEL_DTYPES or k.dtype not in _KERNEL_DTYPES
             or _needs_table_grad(cos, sin)):
-        if ids is not None:  # the kernel path checks these inside its custom op
+        if ids is not None and not torch.compiler.is_compiling():  # as in apply_rotary_emb
             _check_positions(ids, 1, cos.shape[0], "position_ids")
         return reference.apply_rotary_pos_emb(q, k, cos, sin, ids, dim)
     return _RotaryPosEmbFunction.apply(q, k, cos, sin, ids, dim)
