@@ -145,12 +145,14 @@ def reduce_rows(res: K.RowsOut, reduction: str, n_valid: torch.Tensor, total_wei
 
 def _scale_stored_grad(ctx, grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
     """Multiply the gradient computed in forward by the upstream gradient, in place (skipped when it is 1)."""
+    # The upstream gradient stays fp32 (or fp64) so that a 16-bit gradient is rounded once, after the product.
+    wide = torch.float64 if grad.dtype == torch.float64 else torch.float32
     if grad_output.dim() == 0:
         if float(grad_output) == 1.0:
             return grad
-        scale = grad_output.to(grad.dtype)
+        scale = grad_output.to(wide)
     else:
-        scale = grad_output.reshape(-1, 1).to(grad.dtype)
+        scale = grad_output.reshape(-1, 1).to(wide)
     if ctx.grad_consumed:
         raise RuntimeError("llmfast cross_entropy: backward ran twice on a loss whose stored gradient was already "
                            "scaled in place; recompute the loss instead of using retain_graph=True")
