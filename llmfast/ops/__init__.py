@@ -12,4 +12,5 @@ KERNEL_MODULES = (
     "llmfast.ops.layer_norm",
     "llmfast.ops.rotary",
     "llmfast.ops.swiglu",
+    "llmfast.ops.decode",
 )
