@@ -436,10 +436,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         generator.seed()
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    new_ids: list[int] = []
+    printed = tokenizer.decode(shown_ids)
+
+    def stream(row: int, token: int) -> None:
+        # Print the text as it grows; hold back a trailing partial character (a multi-byte token split).
+        nonlocal printed
+        new_ids.append(token)
+        text = tokenizer.decode(shown_ids + new_ids)
+        if text.startswith(printed) and not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+
+    if args.stream:
+        sys.stdout.write(printed)
+        sys.stdout.flush()
+    start = time.perf_counter()
     out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, generator=generator)
+                         top_p=args.top_p, generator=generator, repetition_penalty=args.repetition_penalty,
+                         stop_tokens=args.stop_token, stream=stream if args.stream else None)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
     new_ids = out[0, len(prompt_ids):].tolist()
-    print(tokenizer.decode(shown_ids + new_ids))
+    text = tokenizer.decode(shown_ids + new_ids)
+    if args.stream:
+        print(text[len(printed):] if text.startswith(printed) else "")
+    else:
+        print(text)
+    rate = len(new_ids) / seconds if seconds > 0 else float("inf")
+    print(f"generated {len(new_ids)} tokens in {seconds:.2f} s: {rate:.1f} tokens/s", file=sys.stderr)
     return 0
 
 
@@ -575,6 +602,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=positive_int, default=None, help="sample from the k likeliest tokens")
     generate.add_argument("--top-p", type=top_p_float, default=None, help="nucleus sampling threshold")
     generate.add_argument("--seed", type=non_negative_int, default=None, help="for reproducible samples")
+    generate.add_argument("--repetition-penalty", type=positive_float, default=1.0,
+                          help="divide the logits of tokens already present (CTRL's penalty; 1 is off)")
+    generate.add_argument("--stop-token", type=non_negative_int, action="append", default=None,
+                          help="token id that ends generation (repeatable)")
+    generate.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     add_common(generate)
     generate.set_defaults(run=cmd_generate)
 

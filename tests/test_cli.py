@@ -97,6 +97,17 @@ def test_generate_with_an_empty_prompt_and_past_the_block_size(checkpoint, capsy
     assert len(out) > 20
 
 
+def test_generate_stream_prints_the_same_text_and_tokens_per_second(checkpoint, capsys):
+    args = ["generate", str(checkpoint), "--prompt", "The ", "--max-new-tokens", "30", "--seed", "4"]
+    code, plain, err = run_cli(capsys, *args)
+    assert code == 0 and "tokens/s" in err
+    code, streamed, err = run_cli(capsys, *args, "--stream")
+    assert code == 0 and "tokens/s" in err
+    assert streamed == plain
+    code, penalised, _ = run_cli(capsys, *args, "--repetition-penalty", "1.3", "--stop-token", "10")
+    assert code == 0 and penalised.startswith("The ")
+
+
 def test_eval_prints_perplexity(checkpoint, corpus, tmp_path, capsys):
     code, out, err = run_cli(capsys, "eval", str(checkpoint), "--data", str(corpus))
     assert code == 0, err

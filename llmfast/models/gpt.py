@@ -3,19 +3,23 @@
 Token and learned position embeddings, a stack of pre-norm blocks, a final LayerNorm, and a language-model head
 that shares its weight with the token embedding. Attention runs through :func:`llmfast.scaled_dot_product_attention`
 and the training loss through :func:`llmfast.fused_linear_cross_entropy` (which never materialises the logits), so
-the model gets faster as llmfast's kernels do. Generation keeps a key/value cache: the prompt is encoded once,
-then each new token costs one position.
+the model gets faster as llmfast's kernels do. Generation (:mod:`llmfast.models.generation`) prefills a static
+key/value cache with the full-sequence kernel, then decodes one token per step with the decode kernel
+(:func:`llmfast.flash_attn_with_kvcache`).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 import llmfast
-from llmfast.nn.attention import KVCache
+from llmfast.models import generation
+from llmfast.models.generation import check_sampling_args, sample_next_token  # noqa: F401  (re-exported)
+from llmfast.nn.attention import KVCache, StaticKVCache
 from llmfast.nn.transformer import Block
 
 
@@ -126,78 +130,47 @@ class GPT(nn.Module):
         return [KVCache(batch_size, c.n_head, c.n_embd // c.n_head, c.block_size, device=param.device,
                         dtype=param.dtype) for _ in range(c.n_layer)]
 
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, generator: torch.Generator | None = None,
-                 use_cache: bool = True) -> torch.Tensor:
-        """Extend ``idx`` (B, T) by ``max_new_tokens`` sampled tokens; returns (B, T + max_new_tokens).
+    # --- generation (llmfast.models.generation drives these) -------------------------------------------------
+    def max_context(self) -> int:
+        """The most positions the model attends over (learned positions: ``block_size``)."""
+        return self.config.block_size
 
-        See :func:`sample_next_token` for ``temperature`` (0 is greedy), ``top_k``, ``top_p`` and ``generator``.
-        The model sees at most the last ``block_size`` tokens. With ``use_cache`` the context is encoded once and
-        each step then runs one position; the tokens are the same as without the cache. Runs in eval mode
-        (no dropout) and restores the previous mode.
+    def new_static_cache(self, batch_size: int, max_len: int | None = None) -> StaticKVCache:
+        """An empty preallocated key/value cache for every layer, room for ``max_len`` (default block_size)."""
+        c = self.config
+        param = self.wte.weight
+        return StaticKVCache(c.n_layer, batch_size, max_len or c.block_size, c.n_head, c.n_embd // c.n_head,
+                             device=param.device, dtype=param.dtype)
+
+    def forward_cached(self, idx: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """Logits (B, T, vocab) through ``cache``: a prefill of right-padded prompts from position 0 (the
+        full-sequence attention kernel), or, when ``cache.prefill`` is False, one token per sequence at position
+        ``cache.seqlens[b]`` (the decode kernel, appending its key/value in place)."""
+        B, T = idx.shape
+        if cache.prefill:
+            pos = torch.arange(T, device=idx.device)[None, :]
+        else:
+            pos = cache.seqlens.to(device=idx.device, dtype=torch.long)[:, None] + torch.arange(T, device=idx.device)
+        if int(pos.max()) >= self.config.block_size:
+            raise ValueError(f"position {int(pos.max())} is past block_size={self.config.block_size}")
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for i, block in enumerate(self.blocks):
+            x = block(x, kv_cache=cache.layer(i))
+        return self.lm_head(self.ln_f(x))
+
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None, use_cache: bool = True, *,
+                 repetition_penalty: float = 1.0, stop_tokens: Iterable[int] | None = None,
+                 attention_mask: torch.Tensor | None = None, pad_token_id: int = 0,
+                 stream: Callable[[int, int], None] | None = None):
+        """Extend ``idx`` by up to ``max_new_tokens`` tokens; see :func:`llmfast.models.generation.generate`.
+
+        ``idx`` (B, T) returns (B, T + new); prompts of different lengths go in as lists, or as a padded tensor
+        with ``attention_mask``. ``temperature`` 0 is greedy; ``top_k``, ``top_p``, ``repetition_penalty``,
+        ``stop_tokens``, ``stream(row, token)``. With ``use_cache`` the prompts are encoded once into a static
+        cache and each step runs one position through the decode kernel; the tokens are the same as without it.
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-        if idx.dim() != 2 or idx.shape[1] == 0:
-            raise ValueError(f"idx must have shape (batch, time) with time >= 1, got shape {tuple(idx.shape)}")
-        check_sampling_args(temperature, top_k, top_p)
-        block_size = self.config.block_size
-        was_training = self.training
-        self.eval()
-        try:
-            caches = None
-            for _ in range(max_new_tokens):
-                if not use_cache:
-                    logits = self(idx[:, -block_size:])
-                elif caches is None or caches[0].length == block_size:
-                    # Encode the context into fresh caches: at the start, and whenever they are full. Learned
-                    # absolute positions cannot slide along, so past block_size every step re-encodes the last
-                    # block_size tokens, exactly as the uncached model does.
-                    caches = self.new_kv_caches(idx.shape[0])
-                    logits = self(idx[:, -block_size:], kv_caches=caches)
-                else:
-                    logits = self(idx[:, -1:], kv_caches=caches)
-                next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
-                idx = torch.cat([idx, next_token], dim=1)
-        finally:
-            self.train(was_training)
-        return idx
-
-
-def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raise ValueError unless the sampling arguments are in range (see :func:`sample_next_token`)."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0 \
-            or math.isinf(temperature):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
-                              or not 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
-
-
-def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample one token id per row of ``logits`` (B, vocab_size); returns (B, 1).
-
-    ``temperature`` divides the logits (0 picks the most likely token, greedy). ``top_k`` keeps the k most
-    likely tokens; ``top_p`` keeps the smallest set of most likely tokens whose probability reaches p (nucleus
-    sampling). Pass a seeded ``generator`` for reproducible samples.
-    """
-    check_sampling_args(temperature, top_k, top_p)
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = llmfast.softmax(sorted_logits, dim=-1)
-        # Drop a token once the tokens ranked above it already reach top_p; the most likely token always stays.
-        mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_logits = sorted_logits.masked_fill(mass_above >= top_p, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    probs = llmfast.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+        return generation.generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   repetition_penalty=repetition_penalty, stop_tokens=stop_tokens,
+                                   attention_mask=attention_mask, pad_token_id=pad_token_id, generator=generator,
+                                   use_cache=use_cache, stream=stream)

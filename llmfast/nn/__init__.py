@@ -1,5 +1,5 @@
 """Modules over the public ops: drop-in where torch.nn has an equivalent, with torch's constructor arguments."""
-from llmfast.nn.attention import CausalSelfAttention, KVCache
+from llmfast.nn.attention import CausalSelfAttention, KVCache, LayerCache, StaticKVCache
 from llmfast.nn.cross_entropy import (CrossEntropyLoss, FusedLinearCrossEntropyLoss, LigerCrossEntropyLoss,
                                       LigerFusedLinearCrossEntropyLoss)
 from llmfast.nn.normalization import LayerNorm, RMSNorm
@@ -16,6 +16,7 @@ __all__ = [
     "GeGLUMLP",
     "KVCache",
     "LayerNorm",
+    "LayerCache",
     "LigerCrossEntropyLoss",
     "LigerFusedLinearCrossEntropyLoss",
     "LogSoftmax",
@@ -24,4 +25,5 @@ __all__ = [
     "RotaryEmbedding",
     "Softmax",
     "SwiGLUMLP",
+    "StaticKVCache",
 ]

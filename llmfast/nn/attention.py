@@ -1,6 +1,8 @@
 """Causal multi-head self-attention over llmfast's public attention op, with a key/value cache for generation."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -37,6 +39,37 @@ class KVCache:
         self.values[:, :, start:end] = v
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+@dataclass
+class LayerCache:
+    """One layer's view of a :class:`StaticKVCache`: keys/values (B, max_len, Hk, D) and the sequence lengths."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    seqlens: torch.Tensor
+    prefill: bool
+
+
+class StaticKVCache:
+    """Preallocated keys and values for every layer, in flash-attn's layout (B, max_len, Hk, D), and the number of
+    valid positions of each sequence (``seqlens``, (B,) int32). Allocated once: a decoding step writes one
+    position per sequence in place and never copies the history."""
+
+    def __init__(self, n_layers: int, batch_size: int, max_len: int, kv_heads: int, head_dim: int, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+        shape = (n_layers, batch_size, max_len, kv_heads, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.prefill = True
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def layer(self, i: int) -> LayerCache:
+        return LayerCache(self.k[i], self.v[i], self.seqlens, self.prefill)
 
 
 def causal_attention_args(q_len: int, k_len: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
@@ -77,8 +110,15 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """Attend over ``x`` (B, T, C); with ``kv_cache``, also over the positions cached before it."""
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | LayerCache | None = None) -> torch.Tensor:
+        """Attend over ``x`` (B, T, C); with ``kv_cache``, also over the positions cached before it.
+
+        A :class:`LayerCache` (from a :class:`StaticKVCache`) selects the generation path: a prefill runs
+        :func:`llmfast.flash_attn_func` (the full-sequence kernel) over ``x`` and stores its keys and values; a
+        decoding step runs :func:`llmfast.flash_attn_with_kvcache`, which appends them at ``seqlens`` in place.
+        """
+        if isinstance(kv_cache, LayerCache):
+            return self._forward_static(x, kv_cache)
         B, T, C = x.shape
         # (B, T, 3C) -> three (B, n_head, T, head_dim) tensors.
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
@@ -93,6 +133,19 @@ class CausalSelfAttention(nn.Module):
         # Heads back side by side: (B, n_head, T, head_dim) -> (B, T, C).
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def _forward_static(self, x: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        B, T, C = x.shape
+        # flash-attn's (B, T, heads, head_dim) layout: views of the fused projection, no transposes.
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim) for t in self.c_attn(x).split(self.n_embd, dim=2))
+        if cache.prefill:
+            # Right-padded prompts: causal attention keeps every real token away from the padding after it.
+            y = llmfast.flash_attn_func(q, k, v, causal=True)
+            cache.k[:, :T] = k
+            cache.v[:, :T] = v
+        else:
+            y = llmfast.flash_attn_with_kvcache(q, cache.k, cache.v, k, v, cache_seqlens=cache.seqlens, causal=True)
+        return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
 
     def extra_repr(self) -> str:
         return f"n_embd={self.n_embd}, n_head={self.n_head}, dropout={self.dropout}"
