@@ -5,12 +5,12 @@ CUDA; the PyTorch path on the CPU) for one decoding step: append one token's key
 attend over the whole cache (``cache_seqlens`` is reset each round, so every round does the same work). The peers,
 timed next to it with ``median_seconds``, do the same step:
 
-* ``torch_sdpa``: the new key/value written into the cache by indexing, then
+* ``torch_sdpa`` (``torch_sdpa_ms``): the new key/value written into the cache by indexing, then
   ``torch.nn.functional.scaled_dot_product_attention`` over the (B, Hk, L, D) view of the cache (``enable_gqa``);
-* ``reference``: :func:`llmfast.reference.decode.flash_attn_with_kvcache` (materialises the scores).
+* ``reference`` (``reference_ms``): :func:`llmfast.reference.decode.flash_attn_with_kvcache` (materialises the scores).
 
-``benchmark.extra_info`` gets ``ms_per_token`` (the step's latency), ``tokens_per_s`` (batch / latency), the same
-for each peer and ``speedup_vs_<peer>``; on CUDA also ``kv_read_gbps`` (bytes of K and V read per second) against
+``benchmark.extra_info`` gets ``ms_per_token`` (the step's latency), ``tokens_per_s`` (batch / latency),
+``<peer>_ms`` and ``<peer>_tokens_per_s`` for each peer and ``speedup_vs_<peer>``; on CUDA also ``kv_read_gbps`` (bytes of K and V read per second) against
 ``copy_gbps``, the card's measured copy bandwidth for a buffer of the cache's size (``fraction_of_copy``).
 
 On CUDA: bf16, 32 query heads over 8 KV heads (GQA), head dim 128, batch 1 and 8, cache lengths 1k to 32k, a
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import llmfast
 from llmfast.reference import decode as reference
 
-from conftest import copy_gbps, median_seconds, synchronize
+from conftest import copy_gbps, measure, synchronize, time_peer
 
 CUDA = torch.cuda.is_available()
 DTYPE = torch.bfloat16 if CUDA else torch.float32
@@ -83,7 +83,7 @@ def test_decode_step(benchmark, device, batch, length, paged):
         return out
 
     with llmfast.backend("auto"):
-        benchmark.pedantic(ours, rounds=50 if CUDA else 3, warmup_rounds=5 if CUDA else 1, iterations=1)
+        measure(benchmark, ours)
 
     quick = benchmark.disabled or benchmark.stats is None  # smoke run: peers run once, untimed
     if not quick:
@@ -112,11 +112,10 @@ def test_decode_step(benchmark, device, batch, length, paged):
             if quick:
                 info[f"{name}_status"] = "ran (smoke run, not timed)"
                 continue
-            peer = median_seconds(fn, device, repeats=10 if CUDA else 3, warmup=1)
+            peer = time_peer(info, name, fn, device, repeats=10 if CUDA else 3)
         except (RuntimeError, ValueError) as err:  # includes torch.OutOfMemoryError
             info[f"{name}_status"] = f"unavailable: {str(err).splitlines()[0][:100]}"
             continue
-        info[f"{name}_ms_per_token"] = peer * 1e3
         info[f"{name}_tokens_per_s"] = batch / peer
         info[f"speedup_vs_{name}"] = peer / benchmark.stats.stats.median
 
@@ -137,6 +136,6 @@ def test_gpt_generate_tokens_per_second(benchmark, device, use_cache):
         synchronize(device)
         return out
 
-    benchmark.pedantic(run, rounds=3 if CUDA else 1, warmup_rounds=1, iterations=1)
+    measure(benchmark, run, rounds=3 if CUDA else 1)
     if not (benchmark.disabled or benchmark.stats is None):
         benchmark.extra_info["tokens_per_s"] = new / benchmark.stats.stats.median

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 import llmfast
+from llmfast._backend import last_launch_config
 from llmfast.ops import decode as ops
+from llmfast.ops._arch import config_arch
 from llmfast.reference import decode as ref
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # exp(-inf - -inf) in padded interpreter lanes
@@ -276,11 +278,17 @@ def test_choose_num_splits_heuristic():
     assert ops.choose_num_splits(2, 2, 1, 100, 16, "interpreter") == 1
 
 
-def test_auto_splits_in_the_interpreter_run_the_combine():
+def test_auto_splits_follow_the_heuristic():
     case = make_case(batch=1, kv_heads=1, heads=1, capacity=100, new=1, seqlens="int")
-    before = launches("decode_combine")
     check(case, num_splits=0)
-    assert launches("decode_combine") == before + 1
+    launch = last_launch_config("decode_attention")
+    arch = config_arch(DEVICE)
+    expected = ops.choose_num_splits(1, 1, 1, case["cache_seqlens"] + 1, launch["BLOCK_N"], arch,
+                                     torch.cuda.get_device_properties(DEVICE).multi_processor_count
+                                     if DEVICE.type == "cuda" and arch != "interpreter" else None)
+    assert launch["num_splits"] == expected
+    if arch == "interpreter":
+        assert expected == 4 and last_launch_config("decode_combine") == {"num_splits": 4}
 
 
 # ------------------------------------------------------------------------------------------------ cache update

@@ -37,7 +37,7 @@ import triton.language as tl
 from llmfast import _backend, _validation
 from llmfast.ops._arch import config_arch
 from llmfast.ops._spec import KernelSpec
-from llmfast.ops.attention import _cast, _dot
+from llmfast.ops.attention.common import _cast, _dot
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -108,12 +108,14 @@ def _row_kind_for(rows: int, dtype: torch.dtype) -> tuple[str, int]:
     return ("m16", 16) if dtype == torch.float32 and kind == "m64" else (kind, block_m)
 
 
+def _config_name(arch: str, kind: str, block_d: int, dtype: torch.dtype) -> str:
+    if "decode" in DECODE_CONFIGS[arch]:
+        return "decode"
+    return f"{kind}_d{_head_dim_bucket(block_d)}" + ("_fp32" if dtype == torch.float32 else "")
+
+
 def _config(arch: str, kind: str, block_d: int, dtype: torch.dtype) -> dict[str, int]:
-    configs = DECODE_CONFIGS[arch]
-    if "decode" in configs:
-        return configs["decode"]
-    name = f"{kind}_d{_head_dim_bucket(block_d)}" + ("_fp32" if dtype == torch.float32 else "")
-    return configs[name]
+    return DECODE_CONFIGS[arch][_config_name(arch, kind, block_d, dtype)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -430,7 +432,7 @@ def _kvcache_impl(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
 
     if k is not None and new > 0 and k.numel():
         rotary_dim = 0 if rotary_cos is None else 2 * rotary_cos.shape[1]
-        _backend.record_kernel_launch("decode_kv_append")
+        _backend.record_kernel_launch("decode_kv_append", {"rotary_dim": rotary_dim, "paged": paged})
         _kv_append_kernel[(batch * new, num_kv_heads)](
             k, v, k_cache, v_cache, cache_seqlens,
             cache_batch_idx if cache_batch_idx is not None else dummy,
@@ -463,7 +465,9 @@ def _kvcache_impl(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
     row_blocks = triton.cdiv(seqlen_q * group, block_m)
     splits = min(max(int(num_splits), 1), MAX_SPLITS)
     has_left, has_right = window_left >= 0, window_right >= 0
-    _backend.record_kernel_launch("decode_attention")
+    _backend.record_kernel_launch("decode_attention", {
+        "arch": arch, "config": _config_name(arch, kind, block_d, q.dtype), "BLOCK_M": block_m, **cfg,
+        "num_splits": splits, "row_blocks": row_blocks})
     if splits > 1:
         out_acc = torch.empty((splits, batch, seqlen_q, num_heads, head_d), dtype=torch.float32, device=q.device)
         lse_acc = torch.empty((splits, batch, seqlen_q, num_heads), dtype=torch.float32, device=q.device)
@@ -492,7 +496,7 @@ def _kvcache_impl(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if splits > 1:
-        _backend.record_kernel_launch("decode_combine")
+        _backend.record_kernel_launch("decode_combine", {"num_splits": splits})
         _decode_combine_kernel[(batch * seqlen_q * num_heads,)](
             out_acc, lse_acc, out, lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
             batch, seqlen_q, num_heads, splits,
