@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import llmfast
-from llmfast._backend import reset_kernel_launch_counts
+from llmfast._backend import last_launch_config, reset_kernel_launch_counts
 from llmfast.models.generation import apply_repetition_penalty, generate
 from llmfast.models.gpt import GPT, GPTConfig
+from llmfast.models.llama import Llama, LlamaConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # padded interpreter lanes compute -inf - -inf
 
@@ -21,12 +22,24 @@ def tiny_gpt(**overrides) -> GPT:
     return GPT(GPTConfig(**{**TINY, **overrides})).eval()
 
 
+LLAMA = dict(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+
+
+def tiny_llama(**overrides) -> Llama:
+    torch.manual_seed(0)
+    return Llama(LlamaConfig(**{**LLAMA, **overrides})).eval()
+
+
+MODELS = {"gpt": tiny_gpt, "llama": tiny_llama}
+
+
 PROMPTS = [[3, 1, 4, 1, 5], [9], [2, 6, 5, 3, 5, 8, 9]]
 
 
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
 @pytest.mark.parametrize("backend", ["auto", "triton"])
-def test_greedy_tokens_with_cache_equal_the_no_cache_path(backend):
-    model = tiny_gpt()
+def test_greedy_tokens_with_cache_equal_the_no_cache_path(backend, arch):
+    model = MODELS[arch]()
     with llmfast.backend(backend):
         cached = model.generate(PROMPTS, 6, temperature=0)
         uncached = model.generate(PROMPTS, 6, temperature=0, use_cache=False)
@@ -35,8 +48,9 @@ def test_greedy_tokens_with_cache_equal_the_no_cache_path(backend):
     assert all(len(row) == len(p) + 6 for row, p in zip(cached, PROMPTS))
 
 
-def test_a_decode_step_launches_the_decode_kernel_not_the_full_sequence_one():
-    model = tiny_gpt()
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_a_decode_step_launches_the_decode_kernel_not_the_full_sequence_one(arch):
+    model = MODELS[arch]()
     with torch.no_grad(), llmfast.backend("triton"):
         cache = model.new_static_cache(2, 16)
         cache.seqlens.copy_(torch.tensor([3, 5], dtype=torch.int32))
@@ -51,14 +65,18 @@ def test_a_decode_step_launches_the_decode_kernel_not_the_full_sequence_one():
         counts = llmfast.kernel_launch_counts()
     assert counts.get("decode_attention", 0) == TINY["n_layer"], counts
     assert counts.get("decode_kv_append", 0) == TINY["n_layer"], counts
+    if arch == "llama":  # the decode kernel's append rotates the new key (the Llama's rotary is fused there)
+        assert last_launch_config("decode_kv_append")["rotary_dim"] == LLAMA["n_embd"] // LLAMA["n_head"]
+
     assert not any(name.startswith("attention_") for name in counts), counts
     assert prefill_logits.shape == (2, 5, 37) and step_logits.shape == (2, 1, 37)
 
 
-def test_cached_decode_logits_equal_a_full_forward():
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_cached_decode_logits_equal_a_full_forward(arch):
     """Prefill ragged prompts, decode two tokens each: the logits at every step equal a full forward of that
     sequence (through the Triton kernels)."""
-    model = tiny_gpt()
+    model = MODELS[arch]()
     rows = [[5, 6, 7], [1, 2, 3, 4, 8]]
     extra = [[11, 12], [13, 14]]
     with torch.no_grad(), llmfast.backend("triton"):
@@ -96,8 +114,9 @@ def test_padded_batches_give_the_same_tokens_as_lists(side):
             assert row[:len(expect)] == expect and set(row[len(expect):]) <= {pad}
 
 
-def test_stop_tokens_end_each_sequence():
-    model = tiny_gpt()
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_stop_tokens_end_each_sequence(arch):
+    model = MODELS[arch]()
     free = model.generate(PROMPTS, 6, temperature=0)
     stop = free[0][len(PROMPTS[0])]  # the first token sequence 0 generates
     out = model.generate(PROMPTS, 6, temperature=0, stop_tokens=[stop])
@@ -124,8 +143,9 @@ def test_repetition_penalty_math_and_cache_agreement():
     assert greedy != plain  # a huge penalty changes what greedy picks
 
 
-def test_past_the_block_size_cache_and_no_cache_agree():
-    model = tiny_gpt(block_size=8)
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_past_the_block_size_cache_and_no_cache_agree(arch):
+    model = MODELS[arch](block_size=8)
     with llmfast.backend("triton"):
         cached = model.generate([[1, 2, 3], [4, 5, 6, 7, 8, 9]], 7, temperature=0)
     uncached = model.generate([[1, 2, 3], [4, 5, 6, 7, 8, 9]], 7, temperature=0, use_cache=False)

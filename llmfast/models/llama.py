@@ -10,21 +10,25 @@ with the second norm and the residual add fused in one kernel. The language-mode
 embedding by default (``tie_word_embeddings``, as small Llamas do) or a separate matrix, and the training loss goes
 through :func:`llmfast.fused_linear_cross_entropy`, which never materialises the logits. Module and parameter
 names follow Hugging Face's ``LlamaForCausalLM`` (``embed_tokens``, ``layers.N.self_attn.q_proj``,
-``mlp.gate_proj``, ``input_layernorm``, ``norm``, ``lm_head``...). Generation keeps a key/value cache, as
-:class:`llmfast.models.GPT` does, with the same ``generate`` interface.
+``mlp.gate_proj``, ``input_layernorm``, ``norm``, ``lm_head``...). Generation goes through
+:mod:`llmfast.models.generation`, as :class:`llmfast.models.GPT`'s does: a static key/value cache prefilled with the
+full-sequence kernel, then one token per step through :func:`llmfast.flash_attn_with_kvcache`, which also rotates
+the new query and key (the cache holds rotated keys).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 import llmfast
-from llmfast.models.gpt import check_sampling_args, sample_next_token
+from llmfast.models import generation
+from llmfast.models.gpt import check_sampling_args, sample_next_token  # noqa: F401  (re-exported)
 from llmfast.nn import RMSNorm, RotaryEmbedding, SwiGLUMLP
-from llmfast.nn.attention import KVCache, causal_attention_args
+from llmfast.nn.attention import KVCache, LayerCache, StaticKVCache, causal_attention_args
 
 
 @dataclass
@@ -87,12 +91,29 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
         self.rotary_emb = rotary_emb  # one module shared by every layer (its tables are not in the state dict)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """Attend over ``x`` (B, T, C); with ``kv_cache``, ``x`` continues the cached positions."""
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | LayerCache | None = None) -> torch.Tensor:
+        """Attend over ``x`` (B, T, C); with ``kv_cache``, ``x`` continues the cached positions.
+
+        A :class:`LayerCache` selects the generation path: a prefill (positions from 0, right-padded prompts) runs
+        :func:`llmfast.flash_attn_func` and stores the rotated keys; a decoding step passes the unrotated query
+        and key to :func:`llmfast.flash_attn_with_kvcache`, which rotates both at ``seqlens`` and appends in place.
+        """
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if isinstance(kv_cache, LayerCache):
+            if kv_cache.prefill:
+                q, k = self.rotary_emb(q, k, 0)
+                y = llmfast.flash_attn_func(q, k, v, causal=True)
+                kv_cache.k[:, :T] = k
+                kv_cache.v[:, :T] = v
+            else:
+                cos, sin = self.rotary_emb.cos_sin(half=True)
+                y = llmfast.flash_attn_with_kvcache(q, kv_cache.k, kv_cache.v, k, v, rotary_cos=cos, rotary_sin=sin,
+                                                    cache_seqlens=kv_cache.seqlens, causal=True,
+                                                    rotary_interleaved=False)
+            return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
         # Positions start after the cached ones; q and k are rotated in one kernel, in (B, T, heads, D) layout.
         q, k = self.rotary_emb(q, k, kv_cache.length if kv_cache is not None else 0)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D) for SDPA
@@ -116,7 +137,7 @@ class LlamaBlock(nn.Module):
         self.mlp = SwiGLUMLP(config.n_embd, config.intermediate_size)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | LayerCache | None = None) -> torch.Tensor:
         attn_out = self.drop(self.self_attn(self.input_layernorm(x), kv_cache=kv_cache))
         # One pass: h = x + attn_out and its norm.
         normed, h = self.post_attention_layernorm(attn_out, residual=x)
@@ -194,39 +215,34 @@ class Llama(nn.Module):
         return [KVCache(batch_size, c.n_kv_head, c.head_dim, c.block_size, device=param.device, dtype=param.dtype)
                 for _ in range(c.n_layer)]
 
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, generator: torch.Generator | None = None,
-                 use_cache: bool = True) -> torch.Tensor:
-        """Extend ``idx`` (B, T) by ``max_new_tokens`` sampled tokens; returns (B, T + max_new_tokens).
+    # --- generation (llmfast.models.generation drives these) -------------------------------------------------
+    def max_context(self) -> int:
+        """The most positions the model attends over (the rotary tables': ``block_size``)."""
+        return self.config.block_size
 
-        Same interface and behaviour as :meth:`llmfast.models.GPT.generate`: see
-        :func:`llmfast.models.gpt.sample_next_token` for the sampling arguments; the model sees at most the last
-        ``block_size`` tokens; with ``use_cache`` the context is encoded once and each step then runs one position
-        (the tokens are the same as without the cache). Runs in eval mode and restores the previous mode.
-        """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-        if idx.dim() != 2 or idx.shape[1] == 0:
-            raise ValueError(f"idx must have shape (batch, time) with time >= 1, got shape {tuple(idx.shape)}")
-        check_sampling_args(temperature, top_k, top_p)
-        block_size = self.config.block_size
-        was_training = self.training
-        self.eval()
-        try:
-            caches = None
-            for _ in range(max_new_tokens):
-                if not use_cache:
-                    logits = self(idx[:, -block_size:])
-                elif caches is None or caches[0].length == block_size:
-                    # Encode the context into fresh caches: at the start, and whenever they are full. The window
-                    # then restarts at position 0, exactly as the uncached model sees the last block_size tokens.
-                    caches = self.new_kv_caches(idx.shape[0])
-                    logits = self(idx[:, -block_size:], kv_caches=caches)
-                else:
-                    logits = self(idx[:, -1:], kv_caches=caches)
-                next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
-                idx = torch.cat([idx, next_token], dim=1)
-        finally:
-            self.train(was_training)
-        return idx
+    def new_static_cache(self, batch_size: int, max_len: int | None = None) -> StaticKVCache:
+        """An empty preallocated key/value cache (n_kv_head heads) for every layer, ``max_len`` positions."""
+        c = self.config
+        param = self.embed_tokens.weight
+        return StaticKVCache(c.n_layer, batch_size, max_len or c.block_size, c.n_kv_head, c.head_dim,
+                             device=param.device, dtype=param.dtype)
+
+    def forward_cached(self, idx: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """Logits (B, T, vocab) through ``cache``: a prefill of right-padded prompts from position 0, or, when
+        ``cache.prefill`` is False, one token per sequence at position ``cache.seqlens[b]`` (the decode kernel)."""
+        x = self.drop(self.embed_tokens(idx))
+        for i, layer in enumerate(self.layers):
+            x = layer(x, kv_cache=cache.layer(i))
+        return self.lm_head(self.norm(x))
+
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None, use_cache: bool = True, *,
+                 repetition_penalty: float = 1.0, stop_tokens: Iterable[int] | None = None,
+                 attention_mask: torch.Tensor | None = None, pad_token_id: int = 0,
+                 stream: Callable[[int, int], None] | None = None):
+        """Extend ``idx`` by up to ``max_new_tokens`` tokens: the same interface and behaviour as
+        :meth:`llmfast.models.GPT.generate` (see :func:`llmfast.models.generation.generate`)."""
+        return generation.generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   repetition_penalty=repetition_penalty, stop_tokens=stop_tokens,
+                                   attention_mask=attention_mask, pad_token_id=pad_token_id, generator=generator,
+                                   use_cache=use_cache, stream=stream)
