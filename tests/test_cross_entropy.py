@@ -721,3 +721,48 @@ def test_liger_names_change_only_the_import():
     torch.testing.assert_close(fused_module, fused)
     want = ref.cross_entropy(hidden.double() @ lin_weight.double().t(), t, w.double(), lse_square_scale=1e-4)
     torch.testing.assert_close(fused.double(), want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.compile
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile_fullgraph(dtype, reduction):
+    """Under torch.compile both ops are custom ops (one opaque node each, no graph break): same losses, logging
+    outputs and gradients as eager, computed by the same kernels."""
+    torch._dynamo.reset()
+    logits = (torch.randn(6, 37) * 3).to(dtype)
+    t = _targets(6, 37)
+    hidden, weight, bias = torch.randn(6, 8).to(dtype), (torch.randn(37, 8) * 0.5).to(dtype), torch.randn(37).to(dtype)
+    w = torch.rand(37)
+    ce_kw = dict(weight=w, label_smoothing=0.1, lse_square_scale=1e-2, softcap=4.0, reduction=reduction,
+                 return_z_loss=True, return_token_accuracy=True, return_predicted_tokens=True)
+    lin_kw = dict(ce_weight=w, label_smoothing=0.1, lse_square_scale=1e-2, softcap=4.0, reduction=reduction,
+                  return_z_loss=True, return_token_accuracy=True, return_predicted_tokens=True, chunk_size=4)
+
+    def both(x, h, wt, b):
+        out = llmfast.cross_entropy(x, t, **ce_kw)
+        fused = llmfast.fused_linear_cross_entropy(h, wt, t, b, **lin_kw)
+        return out, fused
+
+    def run(fn):
+        leaves = [a.clone().requires_grad_() for a in (logits, hidden, weight, bias)]
+        with llmfast.backend("triton"):
+            out, fused = fn(*leaves)
+        (out.loss.float().sum() * 1.5 + fused.loss.sum() * 0.5).backward()
+        return out, fused, [leaf.grad for leaf in leaves]
+
+    eager = run(both)
+    _backend.reset_kernel_launch_counts()
+    compiled = run(torch.compile(both, fullgraph=True, backend="aot_eager"))
+    assert {"cross_entropy_fwd_grad"} <= set(llmfast.kernel_launch_counts())
+    for got, want in zip(compiled[:2], eager[:2]):
+        for field in ("loss", "z_loss", "token_accuracy", "predicted_tokens"):
+            torch.testing.assert_close(getattr(got, field), getattr(want, field))
+        assert not got.z_loss.requires_grad
+    for got, want in zip(compiled[2], eager[2]):
+        torch.testing.assert_close(got, want)
+    torch._dynamo.reset()

@@ -8,6 +8,7 @@
 * :func:`fused_linear_cross_entropy` (``_linear.py``): the loss of ``input @ weight.T + bias`` chunk by chunk,
   never holding the (N, V) logits, with Liger-Kernel's signature.
 * The kernels, their per-row contract in torch (CPU "auto" path) and the compile specs: ``_kernels.py``.
+* Under ``torch.compile`` both functions run as ``torch.library`` custom ops (``_compiled.py``).
 
 Where the gradient goes: by default into a new buffer (the logits are left alone). With ``inplace_backward=True``
 it overwrites the logits' own storage, saving an (N, V) buffer; the logits' autograd version counter is bumped, so

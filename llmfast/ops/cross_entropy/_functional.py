@@ -263,7 +263,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
                                             label_smoothing, lse_square_scale, softcap, want, inplace_backward,
                                             process_group)
     class_weight = check_class_weight("weight", weight, rows.shape[1], input.device)
-    check_target_values(target, rows.shape[1], ignore_index)
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # (data-dependent: under torch.compile a bad target gives NaN, as on CUDA)
+        check_target_values(target, rows.shape[1], ignore_index)
     impl = _backend.resolve("cross_entropy", input)
     if impl == "reference":
         return reference.cross_entropy(input, target, weight, None, ignore_index, None, reduction, label_smoothing,
@@ -278,6 +280,11 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
                                    ignore_index=ignore_index,
                                    reduction=reduction, label_smoothing=float(label_smoothing))
         rows_fn = K.rows_torch
+    if compiling:
+        from llmfast.ops.cross_entropy._compiled import cross_entropy_compiled
+
+        outs = cross_entropy_compiled(rows, flat_target, opts, reduction, rows_fn is K.rows_torch, want)
+        return _package(outs, tuple(target.shape), reduction, want)
     # A reshaped copy made above is private, so its storage can take the gradient.
     inplace = inplace_backward or not shares_storage(rows, input)
     outs = _CrossEntropyFunction.apply(rows, flat_target, opts, reduction, inplace, rows_fn, want)

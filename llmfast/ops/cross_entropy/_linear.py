@@ -267,7 +267,9 @@ def fused_linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target
     want = (return_z_loss, return_token_accuracy, return_predicted_tokens)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     flat_target = target.reshape(-1).contiguous()
-    check_target_values(target, weight.shape[0], ignore_index)
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # (data-dependent: under torch.compile a bad target gives NaN, as on CUDA)
+        check_target_values(target, weight.shape[0], ignore_index)
     impl = _backend.resolve("fused_linear_cross_entropy", hidden)
     if impl == "reference":
         return reference.fused_linear_cross_entropy(hidden, weight, target, bias, ce_weight, ignore_index,
@@ -282,6 +284,12 @@ def fused_linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target
     if accum_dtype is None:
         accum_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     chunk = chunk_size or chunk_rows(hidden2d.shape[0], weight.shape[0], hidden.element_size())
+    if compiling:
+        from llmfast.ops.cross_entropy._compiled import fused_linear_compiled
+
+        outs = fused_linear_compiled(hidden2d, weight, bias, flat_target, opts, reduction, chunk,
+                                     rows_fn is K.rows_torch, loss_dtype, accum_dtype, want)
+        return _package(outs, tuple(target.shape), reduction, want)
     outs = _FusedLinearCrossEntropyFunction.apply(hidden2d, weight, bias, flat_target, opts, reduction, chunk,
                                                   rows_fn, loss_dtype, accum_dtype, want)
     return _package(outs, tuple(target.shape), reduction, want)
