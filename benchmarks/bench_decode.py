@@ -13,7 +13,7 @@ timed next to it with ``median_seconds``, do the same step:
 ``<peer>_ms`` and ``<peer>_tokens_per_s`` for each peer and ``speedup_vs_<peer>``; on CUDA also ``kv_read_gbps`` (bytes of K and V read per second) against
 ``copy_gbps``, the card's measured copy bandwidth for a buffer of the cache's size (``fraction_of_copy``).
 
-On CUDA: bf16, 32 query heads over 8 KV heads (GQA), head dim 128, batch 1 and 8, cache lengths 1k to 32k, a
+On CUDA: bf16, 32 query heads over 8 KV heads (GQA), head dim 128, batch 1, 8 and 64, cache lengths 1k to 32k, a
 contiguous cache and a paged one (page size 256). On the CPU: float32, tiny sizes (batch 1 and 8 at 256 cached
 positions), so ``pytest benchmarks/bench_decode.py --benchmark-disable`` is a smoke run of a few seconds.
 """
@@ -31,7 +31,7 @@ from conftest import copy_gbps, measure, synchronize, time_peer
 CUDA = torch.cuda.is_available()
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 CACHE_LENGTHS = [1024, 4096, 8192, 16384, 32768] if CUDA else [256]
-BATCHES = [1, 8]
+BATCHES = [1, 8, 64] if CUDA else [1, 8]
 HEADS, KV_HEADS, HEAD_DIM = (32, 8, 128) if CUDA else (4, 2, 64)
 PAGE_SIZE = 256 if CUDA else 64
 # The reference materialises (B, H, 1, L) scores and gathers the whole cache: skipped beyond this many elements.

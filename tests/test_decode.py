@@ -473,6 +473,54 @@ def test_reference_and_auto_backends_match_the_reference(backend):
     check(make_case(seqlen_q=2, new=2, page_size=16, alibi="h"), backend=backend, causal=True, softcap=3.0)
 
 
+@pytest.mark.parametrize("variant", ["batch_idx_rotary", "paged_window_alibi", "no_new_none", "zero", "gqa_full"])
+@pytest.mark.parametrize("dtype", [F16, F32], ids=["fp16", "fp32"])
+def test_torch_path_of_auto_matches_the_reference(variant, dtype):
+    """Backend "auto" off CUDA runs the torch-native path: every feature against the float64 reference."""
+    cases = {
+        "batch_idx_rotary": (dict(batch_idx=True, rotary="half", seqlen_q=3, new=3), dict(causal=True)),
+        "paged_window_alibi": (dict(page_size=16, alibi="bh", seqlen_q=2, new=2), dict(window_size=(5, 1))),
+        "no_new_none": (dict(new=0, seqlens="none", seqlen_q=2), dict(causal=True, softcap=2.0)),
+        "zero": (dict(new=0, seqlens="zero"), dict()),
+        "gqa_full": (dict(heads=6, kv_heads=2, seqlen_q=4, new=1, rotary="interleaved"), dict()),
+    }
+    case_kwargs, call_kwargs = cases[variant]
+    check(make_case(dtype=dtype, **case_kwargs), backend="auto", num_splits=0, **call_kwargs)
+
+
+@pytest.mark.parametrize("variant", ["decode", "chunk_causal", "paged_window", "ragged_gqa"])
+def test_torch_path_sdpa_branch_without_lse(variant):
+    """Without softcap, ALiBi or the LSE, and with a key for every row, the torch path runs torch's SDPA kernel."""
+    cases = {
+        "decode": (dict(seqlens="int"), dict(causal=True)),
+        "chunk_causal": (dict(seqlen_q=3, new=3, seqlens="int"), dict(causal=True)),
+        "paged_window": (dict(page_size=16, seqlen_q=2, new=2, seqlens="int"), dict(window_size=(4, 0))),
+        "ragged_gqa": (dict(heads=6, kv_heads=3, seqlen_q=2, new=2), dict(causal=True)),
+    }
+    case_kwargs, call_kwargs = cases[variant]
+    case = make_case(dtype=F32, **case_kwargs)
+    if variant == "ragged_gqa":
+        case["cache_seqlens"] = torch.tensor([40, 7], dtype=torch.int32, device=DEVICE)
+    mine, exact = _copy(case), _copy(case, F64)
+    with llmfast.backend("auto"):
+        out = llmfast.flash_attn_with_kvcache(**mine, **call_kwargs)
+    ref64 = ref.flash_attn_with_kvcache(**exact, **call_kwargs)
+    ref_lowp = ref.flash_attn_with_kvcache(**_copy(case), **call_kwargs)
+    assert_within_policy("out", out, ref64, ref_lowp, ATOL[F32])
+    assert torch.equal(mine["k_cache"], exact["k_cache"].to(F32))
+
+
+def test_float64_runs_on_the_torch_path():
+    case = make_case(dtype=F32, page_size=16, new=2, seqlen_q=2)
+    exact = _copy(case, F64)
+    with llmfast.backend("triton"):
+        out, lse = llmfast.flash_attn_with_kvcache(**_copy(exact), causal=True, return_softmax_lse=True)
+    ref64, lse64 = ref.flash_attn_with_kvcache(**exact, causal=True, return_softmax_lse=True)
+    assert out.dtype == F64 and lse.dtype == F64
+    torch.testing.assert_close(out, ref64, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, lse64, rtol=1e-12, atol=1e-12)
+
+
 def test_without_lse_returns_only_the_output():
     case = make_case()
     with llmfast.backend("triton"):

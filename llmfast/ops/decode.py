@@ -679,6 +679,7 @@ class _Call:
 
     def _check_values(self, batch, k_cache, cache_batch_idx, block_table) -> int:
         """Bounds that need the index tensors' values (one device sync): returns the longest key range."""
+        self.shortest = 0  # unknown: the torch path then takes its general branch
         if torch.compiler.is_compiling():
             return self.capacity  # reading the tensors would break the graph; the kernels still mask
         if self.seqlens is None:
@@ -713,7 +714,83 @@ class _Call:
                 b, p = (int(x) for x in bad.nonzero()[0])
                 raise ValueError(f"block_table[{b}, {p}] = {int(table[b, p])} is not a block of the paged cache "
                                  f"(num_blocks = {k_cache.shape[0]}, accepted 0..{k_cache.shape[0] - 1})")
+        self.shortest = int(lengths.min()) if batch else 0
         return int(lengths.max()) if batch else 0
+
+
+def _kvcache_torch(q, k_cache, v_cache, k, v, call: _Call, cache_batch_idx, block_table, rotary_interleaved,
+                   need_lse):
+    """The torch-native path (backend "auto" off CUDA, and float64): the same semantics in a few batched torch
+    ops over the longest key range of the call only; returns (out, lse or None). Plain attention (no softcap,
+    ALiBi or LSE, every row with a key) runs torch's SDPA kernel; the rest float32 math (float64 for float64)."""
+    batch, seqlen_q, heads, head_d = q.shape
+    kv_heads = k_cache.shape[2]
+    group = heads // kv_heads
+    device = q.device
+    base = call.seqlens.long() if call.seqlens is not None else None
+    rows_of_batch = (cache_batch_idx.long() if cache_batch_idx is not None
+                     else torch.arange(batch, device=device))
+    if k is not None and call.new:
+        pos = base[:, None] + torch.arange(call.new, device=device)
+        if call.rotary_cos is not None:
+            k = _rotate(k, call.rotary_cos, call.rotary_sin, pos, rotary_interleaved)
+        if call.paged:
+            rows, slots = block_table.long().gather(1, pos // call.page_size), pos % call.page_size
+        else:
+            rows, slots = rows_of_batch[:, None].expand(-1, call.new), pos
+        k_cache[rows, slots] = k.to(k_cache.dtype)
+        v_cache[rows, slots] = v.to(v_cache.dtype)
+    if call.rotary_cos is not None and k is not None:
+        steps = (torch.arange(seqlen_q, device=device) if call.rotary_q_per_row
+                 else torch.zeros(seqlen_q, dtype=torch.long, device=device))
+        q = _rotate(q, call.rotary_cos, call.rotary_sin, base[:, None] + steps, rotary_interleaved)
+
+    length = min(max(call.longest, 0), call.capacity)
+    if call.paged:
+        pages = triton.cdiv(length, call.page_size)
+        # Pages past a sequence's own length may hold anything: clamped just to gather (masked below).
+        table = block_table[:, :pages].long().clamp(0, k_cache.shape[0] - 1)
+        keys = k_cache[table].flatten(1, 2)[:, :length]
+        values = v_cache[table].flatten(1, 2)[:, :length]
+    elif cache_batch_idx is not None:
+        keys, values = k_cache[rows_of_batch, :length], v_cache[rows_of_batch, :length]
+    else:
+        keys, values = k_cache[:, :length], v_cache[:, :length]  # views: nothing copied
+    seqlens_k = (base + call.new) if base is not None else torch.full((batch,), call.capacity, device=device)
+    i = torch.arange(seqlen_q, device=device)[None, :, None]
+    j = torch.arange(length, device=device)[None, None, :]
+    rel = i + (seqlens_k - seqlen_q)[:, None, None] - j  # (B, Sq, L): the query's position minus the key's
+    allowed = j < seqlens_k[:, None, None]
+    if call.right >= 0:
+        allowed = allowed & (rel >= -call.right)
+    if call.left >= 0:
+        allowed = allowed & (rel <= call.left)
+    if call.softcap == 0 and call.alibi is None and not need_lse and call.shortest >= seqlen_q:
+        # Every query row sees at least its own diagonal key, so SDPA never meets an empty row.
+        mask = None if bool(allowed.all()) else allowed[:, None]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=call.scale,
+            enable_gqa=group > 1)
+        return out.transpose(1, 2), None
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # GQA without repeating K/V: the (group x Sq) rows of each KV head against its (L, D) keys, batched matmuls.
+    qg = q.to(compute).view(batch, seqlen_q, kv_heads, group, head_d).permute(0, 2, 3, 1, 4).reshape(
+        batch, kv_heads, group * seqlen_q, head_d)
+    scores = (qg @ keys.to(compute).permute(0, 2, 3, 1)).view(batch, kv_heads, group, seqlen_q, length)
+    scores = scores * call.scale
+    if call.softcap > 0:
+        scores = torch.tanh(scores / call.softcap) * call.softcap
+    if call.alibi is not None:
+        slopes = call.alibi.to(compute).expand(batch, heads).reshape(batch, kv_heads, group, 1, 1)
+        scores = scores - slopes * rel.abs()[:, None, None].to(compute)
+    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])  # empty rows: all zeros
+    out = probs.view(batch, kv_heads, group * seqlen_q, length) @ values.to(compute).permute(0, 2, 1, 3)
+    out = out.view(batch, kv_heads, group, seqlen_q, head_d).permute(0, 3, 1, 2, 4).reshape(
+        batch, seqlen_q, heads, head_d).to(q.dtype)
+    lse = lse.reshape(batch, heads, seqlen_q).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return out, lse
 
 
 def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -747,9 +824,12 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                  softmax_scale, causal, window_size, softcap, rotary_interleaved, alibi_slopes, num_splits,
                  return_softmax_lse)
     impl = _backend.resolve("flash_attn_with_kvcache", q)
-    if impl != "triton" or q.dtype == torch.float64:
-        # The reference is plain PyTorch with the same semantics: the judge, and the CPU path of "auto".
-        from llmfast.reference import decode as reference
+    if impl == "torch" or (impl == "triton" and q.dtype == torch.float64):
+        out, lse = _kvcache_torch(q, k_cache, v_cache, k, v, call, cache_batch_idx, block_table, rotary_interleaved,
+                                  return_softmax_lse)
+        return (out, lse) if return_softmax_lse else out
+    if impl == "reference":
+        from llmfast.reference import decode as reference  # late: only needed when selected
 
         result = reference.flash_attn_with_kvcache(
             q, k_cache, v_cache, k, v, call.rotary_cos, call.rotary_sin,
