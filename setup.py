@@ -15,8 +15,18 @@ from pybind11.setup_helpers import ParallelCompile
 ParallelCompile("LLMFAST_BUILD_JOBS", default=0).install()
 
 extra_compile_args = ["-O3"]
+extra_link_args = []
 if sys.platform != "win32":
     extra_compile_args += ["-fvisibility=hidden", "-Wall"]
+
+# LLMFAST_SANITIZE=address,undefined (or thread) builds the extension with those sanitizers, for CI's sanitizer
+# step (.ci/run); Python itself is not instrumented, so the runtime is preloaded (LD_PRELOAD=libasan.so). Errors
+# abort instead of printing and carrying on.
+SANITIZE = os.environ.get("LLMFAST_SANITIZE", "").strip()
+if SANITIZE:
+    extra_compile_args = ["-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={SANITIZE}",
+                          "-fno-sanitize-recover=all", "-fvisibility=hidden", "-Wall"]
+    extra_link_args = [f"-fsanitize={SANITIZE}"]
 
 ext_modules = [
     Pybind11Extension(
@@ -25,6 +35,7 @@ ext_modules = [
         include_dirs=["csrc"],
         cxx_std=17,
         extra_compile_args=extra_compile_args,
+        extra_link_args=extra_link_args,
     )
 ]
 

@@ -10,7 +10,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <exception>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -57,8 +59,11 @@ std::string_view utf8_of(py::handle obj, const char* arg, py::object& holder) {
     return {data, static_cast<size_t>(size)};
 }
 
-// The UTF-8 views of a list of str (each item through utf8_of); `holders` keeps any repaired strings alive and
-// must outlive the views. `arg` names the list in the TypeError for anything that is not a sequence.
+// The UTF-8 views of a list of str (each item through utf8_of); `holders` holds a reference to every string a view
+// points into (the item itself, or its repaired copy) and must outlive the views. The views are read without the
+// GIL, while another Python thread may replace or delete the list's items: the references keep the strings (and
+// their UTF-8 buffers) alive whatever happens to the list. `arg` names the list in the TypeError for anything that
+// is not a sequence.
 std::vector<std::string_view> utf8_views(py::handle list, const char* arg, std::vector<py::object>& holders) {
     py::object seq = py::reinterpret_steal<py::object>(PySequence_Fast(list.ptr(), ""));
     if (!seq) {
@@ -70,7 +75,10 @@ std::vector<std::string_view> utf8_views(py::handle list, const char* arg, std::
     const std::string item_arg = std::string(arg) + " items";
     holders.assign(n, py::object());
     std::vector<std::string_view> views(n);
-    for (size_t i = 0; i < n; ++i) views[i] = utf8_of(items[i], item_arg.c_str(), holders[i]);
+    for (size_t i = 0; i < n; ++i) {
+        views[i] = utf8_of(items[i], item_arg.c_str(), holders[i]);
+        if (!holders[i]) holders[i] = py::reinterpret_borrow<py::object>(items[i]);
+    }
     return views;
 }
 
@@ -297,13 +305,29 @@ class CoreBPE {
         std::unique_ptr<std::atomic<bool>[]> encoded(new std::atomic<bool>[n]);
         for (size_t i = 0; i < n; ++i) encoded[i].store(false, std::memory_order_relaxed);
         std::atomic<size_t> next{0};
+        // A document that throws (out of memory, or the test hook) stops the batch: its exception is kept, the
+        // other threads stop claiming documents, and the caller raises it once every thread has returned. The
+        // document still counts as done, so the list-building loop below never waits for it (no hang).
+        std::atomic<bool> failed{false};
+        std::exception_ptr failure;
+        std::mutex failure_mutex;
         auto encode_one = [&](size_t i) {
-            size_t pos = 0, index = 0;
-            if (forbid && encoder_->find_special(views[i], 0, forbid, pos, index)) {
-                bad[i] = static_cast<long long>(index);
-            } else {
-                results[i].reserve(views[i].size() / 4 + 8);
-                encoder_->encode(views[i], allow, results[i]);
+            try {
+                llmfast::maybe_inject_worker_fault();
+                size_t pos = 0, index = 0;
+                if (forbid && encoder_->find_special(views[i], 0, forbid, pos, index)) {
+                    bad[i] = static_cast<long long>(index);
+                } else {
+                    results[i].reserve(views[i].size() / 4 + 8);
+                    encoder_->encode(views[i], allow, results[i]);
+                }
+            } catch (...) {
+                {
+                    std::lock_guard<std::mutex> lock(failure_mutex);
+                    if (!failure) failure = std::current_exception();
+                }
+                failed.store(true, std::memory_order_release);
+                next.store(n, std::memory_order_relaxed);
             }
             encoded[i].store(true, std::memory_order_release);
         };
@@ -330,13 +354,13 @@ class CoreBPE {
                 }
                 constexpr size_t kListBatch = 8;  // documents per GIL acquisition
                 size_t listed = 0;
-                while (listed < n) {
+                while (listed < n && !failed.load(std::memory_order_acquire)) {
                     size_t ready = listed;
                     while (ready < n && encoded[ready].load(std::memory_order_acquire)) ++ready;
                     const bool all_claimed = next.load(std::memory_order_relaxed) >= n;
                     if (ready - listed >= kListBatch || (ready > listed && all_claimed)) {
                         py::gil_scoped_acquire gil;
-                        for (; listed < ready; ++listed) {
+                        for (; listed < ready && !failed.load(std::memory_order_acquire); ++listed) {
                             if (bad[listed] >= 0) {
                                 any_bad = true;
                             } else if (!any_bad) {
@@ -353,6 +377,7 @@ class CoreBPE {
                 }
             });
         }
+        if (failure) std::rethrow_exception(failure);
         for (size_t i = 0; i < n; ++i)
             if (bad[i] >= 0) raise_disallowed(static_cast<size_t>(bad[i]));
         return out;
@@ -606,7 +631,15 @@ PYBIND11_MODULE(_C, m) {
              }),
              py::arg("pat_str"))
         .def_property_readonly("has_native_pattern", &llmfast::BpeTrainer::has_native_pattern)
-        .def_property_readonly("distinct_pieces", &llmfast::BpeTrainer::distinct_pieces)
+        .def_property_readonly("distinct_pieces",
+                               [](llmfast::BpeTrainer& t) {
+                                   py::gil_scoped_release release;
+                                   std::lock_guard<std::mutex> lock(t.mutex());
+                                   return t.distinct_pieces();
+                               })
+        // A trainer may be shared by Python threads, and its methods run without the GIL: each one takes the
+        // trainer's mutex, always after releasing the GIL (a thread holding the mutex never waits for the GIL, so
+        // the two locks cannot deadlock).
         .def(
             "add_text",
             [](llmfast::BpeTrainer& t, py::handle text) {
@@ -614,12 +647,16 @@ PYBIND11_MODULE(_C, m) {
                 py::object holder;
                 std::string_view v = utf8_of(text, "text", holder);
                 py::gil_scoped_release release;
+                std::lock_guard<std::mutex> lock(t.mutex());
                 t.add_text(v);
             },
             py::arg("text"), "Pre-tokenize text natively (GIL released) and count its pieces.")
         .def(
             "add_piece_counts",
             [](llmfast::BpeTrainer& t, py::dict counts) {
+                // Read (and check) the whole dict under the GIL first, then count without it.
+                std::vector<std::pair<std::string, uint64_t>> pieces;
+                pieces.reserve(counts.size());
                 for (auto item : counts) {
                     py::object holder;
                     std::string_view piece = PyBytes_Check(item.first.ptr()) ? bytes_of(item.first, "piece")
@@ -628,8 +665,11 @@ PYBIND11_MODULE(_C, m) {
                     const long long c = PyLong_AsLongLong(item.second.ptr());
                     if (c == -1 && PyErr_Occurred()) throw py::error_already_set();
                     if (c < 0) throw py::value_error("piece counts must be non-negative");
-                    t.add_piece(piece, static_cast<uint64_t>(c));
+                    pieces.emplace_back(std::string(piece), static_cast<uint64_t>(c));
                 }
+                py::gil_scoped_release release;
+                std::lock_guard<std::mutex> lock(t.mutex());
+                for (const auto& [piece, c] : pieces) t.add_piece(piece, c);
             },
             py::arg("counts"), "Count already split pieces: {piece (str or bytes): count}.")
         .def(
@@ -638,6 +678,7 @@ PYBIND11_MODULE(_C, m) {
                 std::vector<std::string> merges;
                 {
                     py::gil_scoped_release release;
+                    std::lock_guard<std::mutex> lock(t.mutex());
                     merges = t.train(n_merges);
                 }
                 py::list out;
@@ -647,6 +688,8 @@ PYBIND11_MODULE(_C, m) {
             py::arg("n_merges"), "Learn up to n_merges merges; the new tokens' bytes in rank order (from 256).");
 
     m.def("hardware_threads", [] { return std::max(1u, std::thread::hardware_concurrency()); });
+    m.def("_inject_worker_faults", &llmfast::inject_worker_faults, py::arg("n"),
+          "Test hook: the next n documents encoded on a pool worker thread fail (ValueError; 0 disarms).");
 
     llmfast::bind_pretokenize(m);
 }

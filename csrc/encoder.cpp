@@ -297,6 +297,21 @@ bool Encoder::decode(const Rank* ids, size_t n, std::string& out, size_t& bad_po
 }
 
 namespace {
+thread_local bool t_in_pool_worker = false;
+std::atomic<long long> g_worker_faults{0};
+}  // namespace
+
+bool in_pool_worker() { return t_in_pool_worker; }
+
+void inject_worker_faults(long long n) { g_worker_faults.store(n, std::memory_order_relaxed); }
+
+void maybe_inject_worker_fault() {
+    if (!t_in_pool_worker || g_worker_faults.load(std::memory_order_relaxed) <= 0) return;
+    if (g_worker_faults.fetch_sub(1, std::memory_order_relaxed) > 0)
+        throw std::runtime_error("injected failure in a tokenizer worker thread (llmfast._C._inject_worker_faults)");
+}
+
+namespace {
 
 // Worker threads kept for the life of the process, so each keeps its piece caches warm from one batch to the next
 // (a fresh thread would start with empty caches and pay for every piece again). One run at a time; a run from a
@@ -304,16 +319,30 @@ namespace {
 // while joining them during static destruction is not.
 class WorkerPool {
    public:
+    // Callers run without the GIL, so two threads may ask for the pool at once: creation is under create_mutex_
+    // (one pool, never two half-built ones). The fork handlers hold that mutex across fork(), so a child never
+    // inherits it locked, and reset the child's pool.
     static WorkerPool& instance() {
         static std::once_flag registered;
         std::call_once(registered, [] {
 #if defined(__unix__) || defined(__APPLE__)
             // A forked child has none of the parent's threads (and maybe a locked mutex): it starts a new pool.
-            pthread_atfork(nullptr, nullptr, [] { current_ = nullptr; });
+            pthread_atfork([] { create_mutex_.lock(); }, [] { create_mutex_.unlock(); },
+                           [] {
+                               current_.store(nullptr, std::memory_order_relaxed);
+                               create_mutex_.unlock();
+                           });
 #endif
         });
-        if (!current_) current_ = new WorkerPool();
-        return *current_;
+        WorkerPool* pool = current_.load(std::memory_order_acquire);
+        if (pool) return *pool;
+        std::lock_guard<std::mutex> lock(create_mutex_);
+        pool = current_.load(std::memory_order_relaxed);
+        if (!pool) {
+            pool = new WorkerPool();
+            current_.store(pool, std::memory_order_release);
+        }
+        return *pool;
     }
 
     void run(size_t threads, const std::function<void(size_t)>& fn) {
@@ -344,6 +373,7 @@ class WorkerPool {
 
    private:
     void work(size_t index) {
+        t_in_pool_worker = true;
         uint64_t seen = 0;
         std::unique_lock<std::mutex> lock(mutex_);
         for (;;) {
@@ -364,7 +394,8 @@ class WorkerPool {
         }
     }
 
-    static inline WorkerPool* current_ = nullptr;
+    static inline std::atomic<WorkerPool*> current_{nullptr};
+    static inline std::mutex create_mutex_;
     std::mutex run_mutex_;
     std::mutex mutex_;
     std::condition_variable wake_, done_;

@@ -85,6 +85,13 @@ class Encoder {
     std::vector<InlineToken> inline_;
 };
 
+// Whether the calling thread is one of the pool's worker threads.
+bool in_pool_worker();
+// Test hook: the next `n` calls of maybe_inject_worker_fault() on a pool worker thread throw std::runtime_error, so
+// tests can prove a worker's exception reaches the caller (never a hang). One relaxed atomic load when unused.
+void inject_worker_faults(long long n);
+void maybe_inject_worker_fault();
+
 // Runs fn(t) for t in [0, threads) at the same time: t = 0 on the calling thread, the others on a pool of worker
 // threads kept for the process's life. Returns when all have returned; the first exception thrown is rethrown.
 void parallel_run(size_t threads, const std::function<void(size_t)>& fn);

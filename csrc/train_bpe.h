@@ -7,6 +7,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -31,7 +32,11 @@ class BpeTrainer {
     // ids are smaller (deterministic). A merge whose bytes already name a token re-uses it and adds nothing.
     std::vector<std::string> train(size_t n_merges);
 
+    // Not taken by the methods above: the binding holds it around every call (see bindings.cpp).
+    std::mutex& mutex() { return mutex_; }
+
    private:
+    std::mutex mutex_;
     int pattern_kind_ = -1;
     std::unordered_map<std::string, uint64_t> piece_counts_;
 };
