@@ -41,6 +41,7 @@ _LAZY = {
     "apply_rotary_pos_emb": "llmfast.ops.rotary",
     "swiglu": "llmfast.ops.swiglu",
     "geglu": "llmfast.ops.swiglu",
+    "warmup": "llmfast._warmup",
 }
 
 
@@ -84,4 +85,5 @@ __all__ = [
     "apply_rotary_pos_emb",
     "swiglu",
     "geglu",
+    "warmup",
 ]

@@ -544,8 +544,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def version_string() -> str:
+    """``llmfast 0.1.0 (torch ..., triton ..., native tokenizer ...)``: what ``--version`` prints."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    try:
+        from llmfast import _C  # noqa: F401
+        native = "built"
+    except ImportError:
+        native = "missing"
+    return f"llmfast {llmfast.__version__} (torch {torch.__version__}, triton {triton_version}, native tokenizer {native})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="llmfast", description="Train, sample from and evaluate llmfast's small GPT or Llama.")
+    parser.add_argument("--version", action="version", version=version_string())
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,eval}")
 
     def add_common(sub: argparse.ArgumentParser) -> None:
