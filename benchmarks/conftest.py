@@ -32,7 +32,8 @@ Conventions a benchmark file follows to land in the table (no edit here needed):
    ``speedup_vs_<peer>`` (peer time / llmfast time), when set, is used as is.
 5. ``extra_info["first_call_ms"]``: the first call, Triton's JIT included (set by :func:`measure`).
 6. ``extra_info["<name>_spread"]``: median / min of samples timed outside pytest-benchmark; above the limit the row
-   is flagged (and rerun).
+   is flagged (and rerun). A file that times llmfast itself also stores ``extra_info["rounds"]``.
+7. ``extra_info["note"]``: a short string shown beside the row in RESULTS.md (e.g. a measured peak memory).
 
 Nothing here fails for lack of a GPU: on the CPU the ``auto`` backend is measured.
 """

@@ -4,15 +4,13 @@
 2. Runs the test suite on the GPU: ``pytest tests/ -x -q`` in a subprocess with ``TRITON_INTERPRET=0`` (the
    kernels compile for the card instead of running in the interpreter) and ``LLMFAST_TEST_DEVICE=cuda`` (the test
    files put their tensors on that device).
-3. Runs ``pytest benchmarks/ --benchmark-only --benchmark-json=<tmp>``.
-4. Appends a markdown table to ``benchmarks/RESULTS.md``: the card (``torch.cuda.get_device_name()``), the date,
-   the test outcome, and per benchmark its median time, its throughput (``tflops`` or ``gbps`` from
-   ``extra_info``) and its ratios (``speedup_vs_*``, ``ratio_*``, ``fraction_of_*``).
+3. Runs the main job, ``pytest benchmarks/ --benchmark-only --llmfast-json benchmarks/results/<card>.json``, adds
+   the test outcome to that file, and regenerates ``benchmarks/RESULTS.md`` from every file in
+   ``benchmarks/results/`` with ``python -m llmfast.report``.
 
 Both steps run even if the other fails; the exit code is 0 only when the tests pass and the benchmarks produced
-results. ``--skip-tests`` / ``--skip-benchmarks`` / ``-k`` split the work over several shorter runs, and
-``--from-json FILE`` only formats (and appends) an existing pytest-benchmark JSON file, e.g. a CPU run, which is
-then labelled as CPU.
+results. ``--skip-tests`` / ``--skip-benchmarks`` / ``-k`` split the work over several shorter runs.
+``--from-json FILE`` prints a pytest-benchmark JSON file as a markdown table (it writes nothing).
 """
 from __future__ import annotations
 
@@ -28,6 +26,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+from llmfast import report
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_HEADER = """# Benchmark results
@@ -136,6 +136,11 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def _slug(name: str) -> str:
+    """A file name for a device: ``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``."""
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split()) or "device"
+
+
 def _cpu_name() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
@@ -143,12 +148,13 @@ def _cpu_name() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmfast.gpu_report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=REPO_ROOT / "benchmarks" / "RESULTS.md",
-                        help="markdown file the table is appended to (default: benchmarks/RESULTS.md)")
+                        help="the results file to regenerate (default: benchmarks/RESULTS.md; the JSON goes to results/ "
+                        "beside it)")
     parser.add_argument("--skip-tests", action="store_true", help="do not run the test suite")
     parser.add_argument("--skip-benchmarks", action="store_true", help="do not run the benchmarks")
     parser.add_argument("-k", dest="keyword", default=None, help="pytest -k expression for tests and benchmarks")
     parser.add_argument("--from-json", type=Path, default=None,
-                        help="only format an existing pytest-benchmark JSON file and append it")
+                        help="only print an existing pytest-benchmark JSON file as a markdown table")
     parser.add_argument("--device-name", default=None, help="device label for --from-json (default: this GPU, "
                         "else CPU)")
     args = parser.parse_args(argv)
@@ -156,8 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.from_json is not None:
         data = json.loads(args.from_json.read_text())
         device = args.device_name or (torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name())
-        append_results(results_markdown(data, device, _now()), args.results)
-        print(f"appended {len(data.get('benchmarks') or [])} benchmarks to {args.results}")
+        print(results_markdown(data, device, _now()))
         return 0
 
     if not torch.cuda.is_available():
@@ -180,19 +185,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if not args.skip_benchmarks:
         print(f"== benchmarks on {card} ==", flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            json_path = Path(tmp) / "benchmarks.json"
-            result = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-only",
-                                     f"--benchmark-json={json_path}", "-q", "-p", "no:cacheprovider", *keyword],
-                                    cwd=REPO_ROOT, env=env)
-            if json_path.exists():
-                data = json.loads(json_path.read_text())
-                append_results(results_markdown(data, card, _now(), tests), args.results)
-                print(f"appended {len(data.get('benchmarks') or [])} benchmarks to {args.results}")
-            else:
-                print("llmfast.gpu_report: the benchmarks wrote no JSON, nothing appended", file=sys.stderr)
-                ok = False
-            ok &= result.returncode == 0
+        results_dir = args.results.parent / "results"
+        json_path = results_dir / f"{_slug(card)}.json"
+        result = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-only",
+                                 f"--llmfast-json={json_path}", "-q", "-p", "no:cacheprovider", *keyword],
+                                cwd=REPO_ROOT, env=env)
+        if json_path.exists():
+            document = json.loads(json_path.read_text())
+            if tests is not None:
+                document["tests"] = tests
+            json_path.write_text(json.dumps(document, indent=1) + "\n")
+            ok &= report.main([*map(str, sorted(results_dir.glob("*.json"))), "--out", str(args.results)]) == 0
+        else:
+            print("llmfast.gpu_report: the benchmarks wrote no JSON, RESULTS.md unchanged", file=sys.stderr)
+            ok = False
+        ok &= result.returncode == 0
     return 0 if ok else 1
 
 

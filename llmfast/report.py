@@ -104,7 +104,8 @@ def row_of(bench: dict[str, Any]) -> dict[str, Any]:
     The conventions it reads (see ``benchmarks/conftest.py``): the op is ``extra_info["op"]`` or the test's name
     without ``test_``; llmfast's time is ``extra_info["llmfast_ms"]`` or pytest-benchmark's median; every other
     ``extra_info["<peer>_ms"]`` is a peer, ``reference`` being the pure-PyTorch reference; ``speedup_vs_<peer>``
-    overrides the ratio computed from the times; ``first_call_ms`` is the first call (Triton's JIT included).
+    overrides the ratio computed from the times; ``first_call_ms`` is the first call (Triton's JIT included);
+    ``note`` (a string) is printed beside the row in RESULTS.md (e.g. a measured peak memory).
     """
     extra = dict(bench.get("extra_info") or {})
     stats = bench.get("stats") or {}
@@ -154,6 +155,7 @@ def row_of(bench: dict[str, Any]) -> dict[str, Any]:
         "first_call_s": first / 1e3 if first else None,
         "flags": flags,
         "reruns": extra.get("reruns", 0),
+        "note": extra["note"] if isinstance(extra.get("note"), str) else "",
     }
 
 
@@ -208,11 +210,14 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """Published rows (no flags) as a markdown table; flagged ones as a list of what was withheld and why."""
     good = [r for r in rows if not r["flags"]]
     bad = [r for r in rows if r["flags"]]
-    out = ["| " + " | ".join(HEADER[:-1]) + " |", "|" + " --- |" * (len(HEADER) - 1)]
+    notes = any(r.get("note") for r in good)
+    header = HEADER[:-1] + (["note"] if notes else [])
+    out = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in good:
-        out.append("| " + " | ".join(_md_cell(c) for c in _columns(row)[:-1]) + " |")
+        cells = _columns(row)[:-1] + ([row.get("note") or ""] if notes else [])
+        out.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
     if not good:
-        out.append("| (no reliable rows) |" + " — |" * (len(HEADER) - 2))
+        out.append("| (no reliable rows) |" + " — |" * (len(header) - 1))
     if bad:
         out += ["", f"Withheld ({len(bad)} rows whose timing failed the checks; their figures are not published):", ""]
         for row in bad:
@@ -266,6 +271,8 @@ def section(document: dict[str, Any], source: str) -> str:
     lines.append("Machine: " + ", ".join(d for d in details if d) + ".")
     if versions:
         lines.append(f"Versions: {versions}.")
+    if document.get("tests"):
+        lines.append(f"Tests on this device: {document['tests']}.")
     lines += ["", markdown_table(document.get("rows") or [])]
     return "\n".join(lines) + "\n"
 

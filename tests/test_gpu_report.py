@@ -64,50 +64,56 @@ def test_without_cuda_it_explains_and_exits_1(monkeypatch, capsys, tmp_path):
     assert not (tmp_path / "RESULTS.md").exists()
 
 
-def test_with_cuda_runs_tests_then_benchmarks_and_appends(monkeypatch, tmp_path):
-    calls = []
+LLMFAST_DOC = {"format": "llmfast-benchmarks/1", "date": "2026-01-02 03:04 UTC",
+               "command": "pytest benchmarks/ --benchmark-only", "machine": {"device": "Fake GPU 9000"},
+               "rows": [{"group": "attention", "op": "attention", "case": "s512-d64-full-fwd", "shape": "",
+                         "benchmark": "x", "llmfast_s": 1.23e-3, "rounds": 20, "min_s": 1.2e-3, "reference_s": None,
+                         "peer": "torch_flash_attention", "peer_s": 1.32e-3, "speedup_vs_peer": 1.0734,
+                         "speedup_vs_reference": None, "first_call_s": 2.5, "flags": [], "reruns": 0}]}
 
+
+def _fake_runner(calls, test_rc=0):
     def fake_run(cmd, cwd, env):
         calls.append((cmd, env))
-        json_flag = [c for c in cmd if c.startswith("--benchmark-json=")]
+        json_flag = [c for c in cmd if c.startswith("--llmfast-json=")]
         if json_flag:
-            Path(json_flag[0].split("=", 1)[1]).write_text(json.dumps(SYNTHETIC))
-        return type("Completed", (), {"returncode": 0})()
+            Path(json_flag[0].split("=", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_flag[0].split("=", 1)[1]).write_text(json.dumps(LLMFAST_DOC))
+        return type("Completed", (), {"returncode": 0 if json_flag else test_rc})()
+    return fake_run
 
+
+def test_with_cuda_runs_tests_then_benchmarks_and_regenerates(monkeypatch, tmp_path):
+    calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU 9000")
-    monkeypatch.setattr(gpu_report.subprocess, "run", fake_run)
+    monkeypatch.setattr(gpu_report.subprocess, "run", _fake_runner(calls))
     results = tmp_path / "RESULTS.md"
     assert gpu_report.main(["--results", str(results)]) == 0
     (test_cmd, test_env), (bench_cmd, bench_env) = calls
     assert test_cmd[:3] == [sys.executable, "-m", "pytest"] and "tests/" in test_cmd and "-x" in test_cmd
     assert "benchmarks/" in bench_cmd and "--benchmark-only" in bench_cmd
+    assert f"--llmfast-json={tmp_path / 'results' / 'fake-gpu-9000.json'}" in bench_cmd
     for env in (test_env, bench_env):
         assert env["TRITON_INTERPRET"] == "0" and env["LLMFAST_TEST_DEVICE"] == "cuda"
     text = results.read_text()
-    assert "## Fake GPU 9000 — " in text and "Tests on this device: passed." in text
-    assert "187 TFLOP/s" in text
+    assert "## Fake GPU 9000 — 2026-01-02 03:04 UTC" in text and "Tests on this device: passed." in text
+    assert "×1.1 vs torch" in text
 
 
 def test_failing_tests_are_reported_and_exit_nonzero(monkeypatch, tmp_path):
-    def fake_run(cmd, cwd, env):
-        json_flag = [c for c in cmd if c.startswith("--benchmark-json=")]
-        if json_flag:
-            Path(json_flag[0].split("=", 1)[1]).write_text(json.dumps(SYNTHETIC))
-        return type("Completed", (), {"returncode": 0 if json_flag else 1})()
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
-    monkeypatch.setattr(gpu_report.subprocess, "run", fake_run)
+    monkeypatch.setattr(gpu_report.subprocess, "run", _fake_runner([], test_rc=1))
     results = tmp_path / "RESULTS.md"
     assert gpu_report.main(["--results", str(results)]) == 1
     assert "Tests on this device: FAILED (pytest exit code 1)." in results.read_text()
 
 
-def test_from_json_labels_a_cpu_run(monkeypatch, tmp_path):
+def test_from_json_prints_a_cpu_run(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     source = tmp_path / "bench.json"
     source.write_text(json.dumps(SYNTHETIC))
-    results = tmp_path / "RESULTS.md"
-    assert gpu_report.main(["--from-json", str(source), "--results", str(results)]) == 0
-    assert "## CPU (" in results.read_text()
+    assert gpu_report.main(["--from-json", str(source), "--results", str(tmp_path / "RESULTS.md")]) == 0
+    assert "## CPU (" in capsys.readouterr().out
+    assert not (tmp_path / "RESULTS.md").exists()
