@@ -542,3 +542,26 @@ def test_compile_specs_cover_every_config():
     configs = {s.config.split("_fp16")[0].split("_bf16")[0].split("_batchidx")[0] for s in specs
                if s.kernel == "decode_attention"}
     assert set(ops.DECODE_CONFIGS["sm90"]) <= configs
+
+
+def test_torch_compile_fullgraph_mutates_the_cache():
+    """Under torch.compile(fullgraph=True) the custom op traces (no graph break), appends in place and matches
+    eager."""
+    def step(q, k_cache, v_cache, k, v, seqlens, block_table):
+        return llmfast.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens,
+                                               block_table=block_table, causal=True, num_splits=2)
+
+    compile_backend = "inductor" if DEVICE.type == "cuda" else "aot_eager"  # CPU inductor would need a compiler
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
+    case = make_case(page_size=16, seqlen_q=2, new=2)
+    args = ("q", "k_cache", "v_cache", "k", "v", "cache_seqlens", "block_table")
+    mine, eager = _copy(case), _copy(case)
+    before = launches()
+    with llmfast.backend("triton"):
+        out = compiled(*(mine[a] for a in args))
+        want = step(*(eager[a] for a in args))
+    assert launches() == before + 2
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert torch.equal(mine["k_cache"], eager["k_cache"]) and torch.equal(mine["v_cache"], eager["v_cache"])
+    assert not torch.equal(mine["k_cache"], case["k_cache"])
