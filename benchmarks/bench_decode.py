@@ -121,15 +121,24 @@ def test_decode_step(benchmark, device, batch, length, paged):
 
 
 @pytest.mark.parametrize("use_cache", [True, False], ids=["static_cache", "no_cache"])
-def test_gpt_generate_tokens_per_second(benchmark, device, use_cache):
-    """End to end: greedy generation of the small GPT with the static cache + decode kernel, or without a cache."""
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_generate_tokens_per_second(benchmark, device, arch, use_cache):
+    """End to end: greedy generation of the small GPT / Llama with the static cache and the decode kernel, or
+    without a cache (every step a full forward)."""
     from llmfast.models.gpt import GPT, GPTConfig
+    from llmfast.models.llama import Llama, LlamaConfig
 
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=256, block_size=512 if CUDA else 64, n_layer=4, n_head=4, n_embd=256 if CUDA else 64)
-    model = GPT(config).to(device).eval()
+    width, context = (256, 512) if CUDA else (64, 64)
+    if arch == "gpt":
+        model = GPT(GPTConfig(vocab_size=256, block_size=context, n_layer=4, n_head=4, n_embd=width))
+    else:
+        model = Llama(LlamaConfig(vocab_size=256, block_size=context, n_layer=4, n_head=4, n_kv_head=2,
+                                  n_embd=width))
+    model = model.to(device).eval()
     prompt = torch.randint(0, 256, (1, 16), device=device)
     new = 256 if CUDA else 8
+    benchmark.extra_info.update(op=f"{arch}_generate", shape=f"width {width}, 4 layers, {new} new tokens")
 
     def run():
         out = model.generate(prompt, new, temperature=0, use_cache=use_cache)
