@@ -249,6 +249,15 @@ def test_named_configs_cover_every_case_and_are_compile_checked(arch):
                     assert any(c.startswith(name + "_") for c in spec_configs), f"{name} is not compile-checked"
                     blocks = [v for key, v in cfg.items() if key.startswith("BLOCK_")]
                     assert all(b >= 16 and b & (b - 1) == 0 for b in blocks)
+    # Every shipped entry (the sliding-window ones included) is compiled for at least one call it serves.
+    import re
+
+    for name in attn.ATTENTION_CONFIGS[arch]:
+        pattern = re.escape(name) + r"_(?:fp16_|bf16_|fp32_)?[a-z_]+"
+        assert any(re.fullmatch(pattern, c) for c in spec_configs), f"{name} is not compile-checked"
+        if name.endswith("_window"):
+            kernel, bucket = re.fullmatch(r"(\w+?)_d(\d+).*", name).groups()
+            assert attn.configs.config_key(kernel, arch, int(bucket), F16, False, window=True) == name
 
 
 def test_fp32_uses_ieee_unless_tf32_is_allowed():
@@ -322,3 +331,33 @@ def test_shipped_tiles_cross_their_blocks(dtype, head_dim, seqlen_q, seqlen_k, k
         return out, lse
 
     compare(call, call, [q, k, v])
+
+
+def test_autotuner_picks_among_the_candidates_and_runs_the_pick(monkeypatch):
+    # On a GPU with LLMFAST_AUTOTUNE=1, triton.autotune times the shipped config and its alternatives per shape and
+    # launches the fastest. Here the interpreter runs the same path with a stand-in timer that makes the
+    # alternative (64 x 32) the fastest; the result must still match the reference.
+    from llmfast.ops.attention import configs, launch
+
+    monkeypatch.setenv("LLMFAST_CONFIG_ARCH", "sm90")
+    monkeypatch.setattr(launch, "autotune_enabled", lambda device: True)
+    monkeypatch.setattr(launch, "_autotuners", {})
+    monkeypatch.setattr(launch, "_picks", {})
+    alternative = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    monkeypatch.setitem(configs.AUTOTUNE_CANDIDATES["sm90"], "fwd_d64", [alternative])
+    timed = []
+
+    def fake_do_bench(kernel_call, quantiles):
+        kernel_call()
+        timed.append(1)
+        return [1.0 if len(timed) == 1 else 0.5] * 3  # the second candidate (the alternative) is faster
+
+    monkeypatch.setattr(launch, "_do_bench", fake_do_bench)
+    q, k, v = (torch.randn(1, 2, 70, 64, dtype=F16) for _ in range(3))
+    with llmfast.backend("triton"):
+        out = llmfast.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert len(timed) == 2
+    assert launch.autotune_picks() == {"fwd_d64": "64x32 w4 s2"}
+    want = ref.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    lowp = ref.scaled_dot_product_attention(q, k, v, is_causal=True)
+    within_policy("autotuned output", out, want, lowp, ATOL[F16])

@@ -8,7 +8,10 @@
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from typing import Iterator
 
 import torch
 
@@ -19,8 +22,25 @@ CONFIG_ARCHES = ("sm80", "sm90", "interpreter")
 NOMINAL_SM_COUNT = {"sm80": 108, "sm90": 132}
 
 
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("llmfast_config_arch", default=None)
+
+
+@contextlib.contextmanager
+def forced_config_arch(arch: str) -> Iterator[None]:
+    """Launches inside pick ``arch``'s configs (the compile check builds each arch's launches this way)."""
+    if arch not in CONFIG_ARCHES:
+        raise ValueError(f"arch must be one of {CONFIG_ARCHES}, got {arch!r}")
+    token = _forced.set(arch)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
 def config_arch(device: torch.device) -> str:
     """``"sm80"``, ``"sm90"`` or ``"interpreter"``: whose configs a launch on ``device`` picks."""
+    if _forced.get() is not None:
+        return _forced.get()
     forced = os.environ.get("LLMFAST_CONFIG_ARCH", "").strip().lower()
     if forced:
         if forced not in CONFIG_ARCHES:

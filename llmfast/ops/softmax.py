@@ -820,6 +820,10 @@ def _layout_ones(kind: str, prefixes: Sequence[str]) -> list[str]:
     return [f"{p}{suffix}" for p in prefixes]
 
 
+_TORCH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "u8": torch.uint8}
+# Runtime flags (never specialized: see the kernels' do_not_specialize) at their usual values.
+_LAUNCH_INTS = {"causal": 0, "q_len": 1, "zero_empty_rows": 0, "segmented": 1, "n_segments": 4}
+
 # Input dtypes the compile check builds: fp32 (the register-heaviest: 32-bit loads) and bf16 (16-bit loads and
 # conversions; fp16 takes the same code path with another conversion instruction).
 COMPILE_DTYPES = ("bf16", "fp32")
@@ -838,7 +842,19 @@ def compile_specs() -> list[KernelSpec]:
         ones = [o for o in _layout_ones(kind, stride_prefixes) if o in fn.arg_names]
         sig, ones_c = _signature(fn, pointers, ("scale",), ones)
         consts = {"BLOCK_R": tile.block_r, "BLOCK_C": tile.block_c, **constexprs, **ones_c}
-        specs.append(KernelSpec(name, fn, sig, consts, f"{cfg}_{t}", num_warps=tile.num_warps))
+        # The launch the compile check builds (with Triton's launch specialization): aligned tensors, unit strides
+        # where the layout has them, and every other size and stride a multiple of 16 (4096-column rows, a
+        # multiple of 16 rows), as in a model's activations.
+        launch_args = {}
+        for arg, kind in sig.items():
+            if kind == "constexpr":
+                launch_args[arg] = consts[arg]
+            elif kind.startswith("*"):
+                launch_args[arg] = _TORCH_DTYPE[kind[1:]]
+            else:
+                launch_args[arg] = 1.0 if kind == "fp32" else _LAUNCH_INTS.get(arg, 4096)
+        specs.append(KernelSpec(name, fn, sig, consts, f"{cfg}_{t}", num_warps=tile.num_warps,
+                                launch_args=launch_args))
 
     row_tiles = [("row", n, t) for n, t in ROW_TILES.items()]
     strided_tiles = [("strided", n, t) for n, t in STRIDED_TILES.items()]

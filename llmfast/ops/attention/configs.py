@@ -17,14 +17,18 @@ MAX_HEAD_DIM = 256
 # an attn_mask or dropout ("_extra": the mask tile and Philox rounds need registers, so smaller tiles), and fp32
 # inputs ("_fp32": exact fp32 dots run on the FMA units, which need much smaller tiles). BLOCK_M counts query rows,
 # BLOCK_N key rows. Every entry is the largest tile found that ``python -m llmfast.compile_check`` builds without
-# register spills (Triton 3.9, ptxas from its wheel); speed tuning on real GPUs is still to do.
+# register spills (Triton 3.9, ptxas from its wheel) *with the specialization a launch gets* (16-divisible pointers
+# and strides: vectorized loads, cp.async pipelining); candidates are compared with
+# ``python -m llmfast.ops.attention.tune``. Refinements, where a tile that fits the common case spills:
+# ``_window`` (a sliding window's left bound: the forward's third loop) and ``_unaligned`` (head dims that are not
+# multiples of 16: scalar loads). Speed on real GPUs is triton.autotune's (AUTOTUNE_CANDIDATES, LLMFAST_AUTOTUNE=1).
 # On sm_90 the 16-bit kernels use wgmma, except the entries marked ``mma_sync``: at head dim 256 (and the forward
 # with extras) wgmma's 64-row tiles spill, so they run 16/32-row tiles on mma.sync instead.
 # ----------------------------------------------------------------------------------------------------------------
 ATTENTION_CONFIGS: dict[str, dict[str, dict[str, int]]] = {
     "sm90": {
         "fwd_d64": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-        "fwd_d128": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
+        "fwd_d128": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
         "fwd_d256": dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=1),
         "fwd_d64_extra": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
         "fwd_d128_extra": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
@@ -32,11 +36,13 @@ ATTENTION_CONFIGS: dict[str, dict[str, dict[str, int]]] = {
         "fwd_d64_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
         "fwd_d128_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
         "fwd_d256_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1),
-        "bwd_preprocess_d64": dict(BLOCK_M=64, num_warps=4, num_stages=1),
+        "bwd_preprocess_d64": dict(BLOCK_M=64, num_warps=8, num_stages=1),
         "bwd_preprocess_d128": dict(BLOCK_M=32, num_warps=4, num_stages=1),
         "bwd_preprocess_d256": dict(BLOCK_M=32, num_warps=8, num_stages=1),
-        "bwd_dkdv_d64": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
-        "bwd_dkdv_d128": dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
+        "bwd_dkdv_d64": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
+        "bwd_dkdv_d64_unaligned": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+        "bwd_dkdv_d128": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+        "bwd_dkdv_d128_unaligned": dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
         "bwd_dkdv_d256": dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1, mma_sync=True),
         "bwd_dkdv_d64_extra": dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2),
         "bwd_dkdv_d128_extra": dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2),
@@ -45,8 +51,10 @@ ATTENTION_CONFIGS: dict[str, dict[str, dict[str, int]]] = {
         "bwd_dkdv_d128_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
         "bwd_dkdv_d256_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
         "bwd_dq_d64": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-        "bwd_dq_d128": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+        "bwd_dq_d128": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+        "bwd_dq_d128_unaligned": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
         "bwd_dq_d256": dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1, mma_sync=True),
+        "bwd_dq_d256_window": dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1, mma_sync=True),
         "bwd_dq_d64_extra": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
         "bwd_dq_d128_extra": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
         "bwd_dq_d256_extra": dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1, mma_sync=True),
@@ -55,8 +63,11 @@ ATTENTION_CONFIGS: dict[str, dict[str, dict[str, int]]] = {
         "bwd_dq_d256_fp32": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1),
     },
     "sm80": {
-        "fwd_d64": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
-        "fwd_d128": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+        "fwd_d64": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+        "fwd_d64_unaligned": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
+        "fwd_d128": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+        "fwd_d128_window": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+        "fwd_d128_unaligned": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
         "fwd_d256": dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=1),
         "fwd_d64_extra": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
         "fwd_d128_extra": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
@@ -64,11 +75,13 @@ ATTENTION_CONFIGS: dict[str, dict[str, dict[str, int]]] = {
         "fwd_d64_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
         "fwd_d128_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
         "fwd_d256_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=2),
-        "bwd_preprocess_d64": dict(BLOCK_M=64, num_warps=4, num_stages=1),
+        "bwd_preprocess_d64": dict(BLOCK_M=64, num_warps=8, num_stages=1),
         "bwd_preprocess_d128": dict(BLOCK_M=32, num_warps=4, num_stages=1),
         "bwd_preprocess_d256": dict(BLOCK_M=32, num_warps=8, num_stages=1),
-        "bwd_dkdv_d64": dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1),
-        "bwd_dkdv_d128": dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2),
+        "bwd_dkdv_d64": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+        "bwd_dkdv_d64_unaligned": dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1),
+        "bwd_dkdv_d128": dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
+        "bwd_dkdv_d128_unaligned": dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2),
         "bwd_dkdv_d256": dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1),
         "bwd_dkdv_d64_extra": dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1),
         "bwd_dkdv_d128_extra": dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2),
@@ -76,8 +89,10 @@ ATTENTION_CONFIGS: dict[str, dict[str, dict[str, int]]] = {
         "bwd_dkdv_d64_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1),
         "bwd_dkdv_d128_fp32": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
         "bwd_dkdv_d256_fp32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=2),
-        "bwd_dq_d64": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-        "bwd_dq_d128": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+        "bwd_dq_d64": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+        "bwd_dq_d64_unaligned": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+        "bwd_dq_d128": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+        "bwd_dq_d128_unaligned": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
         "bwd_dq_d256": dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1),
         "bwd_dq_d64_extra": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
         "bwd_dq_d128_extra": dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2),
@@ -94,6 +109,26 @@ ATTENTION_CONFIGS: dict[str, dict[str, dict[str, int]]] = {
         "bwd_dq": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
     },
 }
+
+
+# Where a GPU is present and LLMFAST_AUTOTUNE=1, triton.autotune picks per shape among the shipped config and these
+# alternatives (each one compile-checked like the shipped ones: see specs.py); elsewhere the static pick stands.
+AUTOTUNE_CANDIDATES: dict[str, dict[str, list[dict[str, int]]]] = {
+    "sm90": {
+        "fwd_d128": [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)],
+    },
+    "sm80": {
+        "fwd_d64": [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)],
+    },
+}
+
+
+def autotune_candidates(arch: str, name: str) -> list[dict[str, int]]:
+    """The shipped config ``name`` of ``arch`` first, then its autotuning alternatives (none: a static pick)."""
+    shipped = ATTENTION_CONFIGS[arch].get(name)
+    if shipped is None:
+        return []
+    return [shipped] + AUTOTUNE_CANDIDATES.get(arch, {}).get(name, [])
 
 
 def _arch_key(device: torch.device) -> str:
@@ -114,12 +149,30 @@ def _config_name(kernel: str, block_d: int, dtype: torch.dtype, extra: bool) -> 
     return name + "_extra" if extra else name
 
 
-def _config(kernel: str, arch: str, block_d: int, dtype: torch.dtype, extra: bool = False) -> dict[str, int]:
-    """The named config of ``kernel`` ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq") for ``arch``
-    ("sm80", "sm90" or "interpreter"): by head-dim bucket, fp32 or 16-bit inputs, and ``extra`` features (an
-    attn_mask tile or dropout's Philox rounds need registers, so they get smaller tiles)."""
+def config_key(kernel: str, arch: str, block_d: int, dtype: torch.dtype, extra: bool = False,
+               window: bool = False, unaligned: bool = False) -> str:
+    """The key of the config a launch uses in ``ATTENTION_CONFIGS[arch]``: ``_config_name``'s, refined where the
+    arch ships a variant: ``<name>_window`` for a sliding window's left bound (a third loop over the window's left
+    edge, so more live registers), ``<name>_unaligned`` for head dims that are not multiples of 16 (the launch gets
+    no 16-divisibility on the head strides: scalar loads, one address per element, no cp.async). The interpreter's
+    per-kernel entry there."""
     configs = ATTENTION_CONFIGS[arch]
-    return configs[kernel] if kernel in configs else configs[_config_name(kernel, block_d, dtype, extra)]
+    if kernel in configs:
+        return kernel
+    name = _config_name(kernel, block_d, dtype, extra)
+    for suffix, wanted in (("_window", window), ("_unaligned", unaligned)):
+        if wanted and name + suffix in configs:
+            return name + suffix
+    return name
+
+
+def _config(kernel: str, arch: str, block_d: int, dtype: torch.dtype, extra: bool = False,
+            window: bool = False, unaligned: bool = False) -> dict[str, int]:
+    """The named config of ``kernel`` ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq") for ``arch``
+    ("sm80", "sm90" or "interpreter"): by head-dim bucket, fp32 or 16-bit inputs, ``extra`` features (an
+    attn_mask tile or dropout's Philox rounds need registers, so they get smaller tiles) and a sliding
+    window's left bound or an unaligned head dim (see :func:`config_key`)."""
+    return ATTENTION_CONFIGS[arch][config_key(kernel, arch, block_d, dtype, extra, window, unaligned)]
 
 
 def _block_d(head_dim: int) -> int:

@@ -2,16 +2,67 @@
 from __future__ import annotations
 
 import math
+import os
+from typing import Callable
 
 import torch
 import triton
 
 from llmfast import _backend
+from llmfast.ops._spec import launch
 
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .common import _dropout_mask_kernel
-from .configs import LOG2E, _arch_key, _block_d, _config
+from .configs import LOG2E, _arch_key, _block_d, _config, autotune_candidates, config_key
 from .forward import _attn_fwd_kernel
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Autotuning on a real GPU: with LLMFAST_AUTOTUNE=1, triton.autotune picks among the shipped config and a few
+# compile-checked alternatives (configs.AUTOTUNE_CANDIDATES), per shape; otherwise (and always in the interpreter or
+# under a forced LLMFAST_CONFIG_ARCH) the static pick stands.
+# ----------------------------------------------------------------------------------------------------------------
+_AUTOTUNE_KEY = ["Sq", "Sk", "HEAD_D", "HEAD_DV", "IS_VARLEN", "HAS_LEFT", "HAS_RIGHT", "HAS_MASK", "DROPOUT"]
+_autotuners: dict = {}
+_picks: dict[str, str] = {}
+_do_bench = None  # triton's default timer; tests substitute their own
+
+
+def autotune_enabled(device: torch.device) -> bool:
+    """LLMFAST_AUTOTUNE=1 on a real GPU (never in the interpreter, nor with a forced LLMFAST_CONFIG_ARCH)."""
+    return (os.environ.get("LLMFAST_AUTOTUNE", "") == "1" and device.type == "cuda"
+            and not _backend.triton_interpreter_enabled() and not os.environ.get("LLMFAST_CONFIG_ARCH"))
+
+
+def autotune_picks() -> dict[str, str]:
+    """The config the autotuner picked at each kernel's latest autotuned launch (``"fwd_d128": "128x64 w8 s2"``)."""
+    return dict(_picks)
+
+
+def _describe(cfg: dict) -> str:
+    blocks = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N") if k in cfg)
+    return f"{blocks} w{cfg['num_warps']} s{cfg['num_stages']}"
+
+
+def _tile_launch(kernel, name: str, arch: str, cfg: dict, grid: Callable[[dict], tuple], device: torch.device):
+    """(launcher, tile kwargs) for one kernel: the static config, or the autotuner over its candidates."""
+    candidates = autotune_candidates(arch, name)
+    if len(candidates) > 1 and autotune_enabled(device):
+        key = (kernel, name, arch)
+        if key not in _autotuners:
+            configs = [triton.Config({k: v for k, v in c.items() if k in ("BLOCK_M", "BLOCK_N")},
+                                     num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in candidates]
+            _autotuners[key] = triton.autotune(configs=configs, key=_AUTOTUNE_KEY, do_bench=_do_bench)(kernel)
+        tuner = _autotuners[key]
+
+        def run(*args, **kwargs):
+            launch(tuner, grid)(*args, **kwargs)
+            best = tuner.best_config
+            _picks[name] = _describe(dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages))
+
+        return run, {}
+    tile = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N") if k in cfg}
+    return launch(kernel, grid(cfg)), dict(tile, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -88,6 +139,14 @@ class _Problem:
             self.mask_strides = tuple(self.mask.stride())
         self.has_mask = mask is not None
         self.extra = self.has_mask or self.dropout_p > 0
+        self.window = self.window_left >= 0  # a left bound: the forward runs a third loop
+        # Head dims that are not multiples of 16 give head strides the launch cannot mark 16-divisible.
+        self.unaligned = self.head_d % 16 != 0 or self.head_dv % 16 != 0
+
+    def config(self, kernel: str, arch: str, dtype: torch.dtype) -> tuple[str, dict]:
+        """(config key, config) of ``kernel`` for this problem under ``arch``."""
+        args = (kernel, arch, max(self.block_d, self.block_dv), dtype, self.extra, self.window, self.unaligned)
+        return config_key(*args), _config(*args)
 
     def flags(self) -> dict:
         return dict(HEAD_D=self.head_d, BLOCK_D=self.block_d, HEAD_DV=self.head_dv, BLOCK_DV=self.block_dv,
@@ -111,17 +170,19 @@ def _forward_impl(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
         return out, lse.fill_(-math.inf)
     if pb.no_keys:
         return out.zero_(), lse.fill_(-math.inf)
-    cfg = _config("fwd", _arch_key(q.device), max(pb.block_d, pb.block_dv), q.dtype, pb.extra)
-    grid = (pb.batch * pb.num_heads, triton.cdiv(pb.seqlen_q, cfg["BLOCK_M"]))
+    arch = _arch_key(q.device)
+    name, cfg = pb.config("fwd", arch, q.dtype)
     _backend.record_kernel_launch("attention_fwd", cfg)
-    _attn_fwd_kernel[grid](
+    run, tile = _tile_launch(_attn_fwd_kernel, name, arch, cfg,
+                             lambda meta: (pb.batch * pb.num_heads, triton.cdiv(pb.seqlen_q, meta["BLOCK_M"])),
+                             q.device)
+    run(
         q, k, v, out, lse, pb.mask, pb.cu_q, pb.cu_k,
         *_bhs_strides(q, layout), *_bhs_strides(k, layout), *_bhs_strides(v, layout), *_bhs_strides(out, layout),
         *_lse_strides(lse, layout), *pb.mask_strides,
         pb.num_heads, pb.group_size, pb.seqlen_q, pb.seqlen_k, pb.scale * LOG2E, pb.window_left, pb.window_right,
         pb.dropout_p, pb.seed,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], REVERSE_M=pb.reverse_m(), **pb.flags(),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        REVERSE_M=pb.reverse_m(), **pb.flags(), **tile,
     )
     return out, lse
 
@@ -154,7 +215,7 @@ def _backward_impl(dout, dlse, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens
     arch = _arch_key(q.device)
     pre = _config("bwd_preprocess", arch, pb.block_dv, q.dtype)
     _backend.record_kernel_launch("attention_bwd_preprocess", pre)
-    _attn_bwd_preprocess_kernel[(pb.batch * pb.num_heads, triton.cdiv(pb.seqlen_q, pre["BLOCK_M"]))](
+    launch(_attn_bwd_preprocess_kernel, (pb.batch * pb.num_heads, triton.cdiv(pb.seqlen_q, pre["BLOCK_M"])))(
         out, dout, dlse, delta, pb.cu_q, *_bhs_strides(out, layout), *_bhs_strides(dout, layout),
         *_lse_strides(lse, layout), pb.num_heads, pb.seqlen_q,
         HEAD_DV=pb.head_dv, BLOCK_DV=pb.block_dv, BLOCK_M=pre["BLOCK_M"], IS_VARLEN=pb.varlen, HAS_DLSE=has_dlse,
@@ -162,30 +223,33 @@ def _backward_impl(dout, dlse, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens
     )
 
     common = (pb.window_left, pb.window_right, pb.dropout_p, pb.seed)
-    cfg = _config("bwd_dkdv", arch, max(pb.block_d, pb.block_dv), q.dtype, pb.extra)
+    name, cfg = pb.config("bwd_dkdv", arch, q.dtype)
     _backend.record_kernel_launch("attention_bwd_dkdv", cfg)
-    _attn_bwd_dkdv_kernel[(pb.batch * pb.num_kv_heads, triton.cdiv(pb.seqlen_k, cfg["BLOCK_N"]))](
+    run, tile = _tile_launch(_attn_bwd_dkdv_kernel, name, arch, cfg,
+                             lambda meta: (pb.batch * pb.num_kv_heads, triton.cdiv(pb.seqlen_k, meta["BLOCK_N"])),
+                             q.device)
+    run(
         q, k, v, dout, lse, delta, dk, dv, pb.mask, pb.cu_q, pb.cu_k,
         *_bhs_strides(q, layout), *_bhs_strides(k, layout), *_bhs_strides(v, layout),
         *_bhs_strides(dout, layout), *_bhs_strides(dk, layout), *_bhs_strides(dv, layout),
         *_lse_strides(lse, layout), *pb.mask_strides,
         pb.num_heads, pb.num_kv_heads, pb.group_size, pb.seqlen_q, pb.seqlen_k, pb.scale * LOG2E, pb.scale,
-        *common,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **pb.flags(),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        *common, **pb.flags(), **tile,
     )
 
     ds = (torch.zeros((pb.batch, pb.num_heads, pb.seqlen_q, pb.seqlen_k), dtype=torch.float32, device=q.device)
           if mask_needs_grad else lse)
-    cfg = _config("bwd_dq", arch, max(pb.block_d, pb.block_dv), q.dtype, pb.extra)
+    name, cfg = pb.config("bwd_dq", arch, q.dtype)
     _backend.record_kernel_launch("attention_bwd_dq", cfg)
-    _attn_bwd_dq_kernel[(pb.batch * pb.num_heads, triton.cdiv(pb.seqlen_q, cfg["BLOCK_M"]))](
+    run, tile = _tile_launch(_attn_bwd_dq_kernel, name, arch, cfg,
+                             lambda meta: (pb.batch * pb.num_heads, triton.cdiv(pb.seqlen_q, meta["BLOCK_M"])),
+                             q.device)
+    run(
         q, k, v, dout, lse, delta, dq, ds, pb.mask, pb.cu_q, pb.cu_k,
         *_bhs_strides(q, layout), *_bhs_strides(k, layout), *_bhs_strides(v, layout),
         *_bhs_strides(dout, layout), *_bhs_strides(dq, layout), *_lse_strides(lse, layout), *pb.mask_strides,
         pb.num_heads, pb.group_size, pb.seqlen_q, pb.seqlen_k, pb.scale * LOG2E, pb.scale, *common,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], REVERSE_M=pb.reverse_m(), STORE_DS=mask_needs_grad,
-        **pb.flags(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        REVERSE_M=pb.reverse_m(), STORE_DS=mask_needs_grad, **pb.flags(), **tile,
     )
     if mask_needs_grad:
         dmask = _reduce_to_shape(ds, mask.shape).to(mask.dtype)

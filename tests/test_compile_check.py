@@ -1,0 +1,186 @@
+"""llmfast.compile_check, the checker itself: the launch specialization it compiles, how it reads the compiled
+kernel (dots and their instructions, asynchronous copies), what it rejects (a deliberately spilling config, dots
+off the expected instruction, an unpipelined 16-bit main loop), and the shipped attention forward it must accept.
+
+Compiling for a GPU needs Triton's real JIT (not the interpreter this test session runs under), so the tests that
+compile run a short script in a subprocess with ``TRITON_INTERPRET`` unset.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmfast import compile_check
+from llmfast.ops._spec import KernelSpec
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_compiled(script: str, timeout: int = 600) -> dict:
+    """Run ``script`` with Triton's real JIT; it prints one JSON object as its last line."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    with tempfile.TemporaryDirectory() as tmp:  # @triton.jit needs its source in a file
+        path = Path(tmp) / "compile_script.py"
+        path.write_text(textwrap.dedent(script))
+        proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, env=env, cwd=REPO,
+                              timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------- reading the IR
+
+TTGIR = """\
+#blocked = #ttg.blocked<{sizePerThread = [1, 1], threadsPerWarp = [4, 8], warpsPerCTA = [4, 1], order = [1, 0]}>
+#mma = #ttg.nvidia_mma<{versionMajor = 2, versionMinor = 0, warpsPerCTA = [4, 1], instrShape = [16, 8]}>
+#mma1 = #ttg.nvidia_mma<{versionMajor = 3, versionMinor = 0, warpsPerCTA = [4, 1], instrShape = [16, 64, 16]}>
+module {
+    %a = tt.dot %x, %y, %z, inputPrecision = tf32 : tensor<64x64xf16, #ttg.dot_op<{opIdx = 0, parent = #mma, kWidth = 2}>> * tensor<64x64xf16, #ttg.dot_op<{opIdx = 1, parent = #mma, kWidth = 2}>> -> tensor<64x64xf32, #mma> loc(#loc1)
+    %b = ttng.warp_group_dot %x, %y, %z {inputPrecision = 0 : i32, isAsync = true} : !ttg.memdesc<64x64xf16, #shared, #smem> * !ttg.memdesc<64x64xf16, #shared1, #smem> -> tensor<64x64xf32, #mma1> loc(#loc2)
+    %c = tt.dot %x, %y, %z : tensor<16x16xf32, #ttg.dot_op<{opIdx = 0, parent = #blocked}>> * tensor<16x16xf32, #ttg.dot_op<{opIdx = 1, parent = #blocked}>> -> tensor<16x16xf32, #blocked> loc(#loc3)
+    %d = ttng.warp_group_dot_wait %b {pendings = 0 : i32} : tensor<64x64xf32, #mma1>
+}
+"""
+
+
+def test_dot_instructions_classify_every_dot():
+    assert compile_check.dot_instructions(TTGIR) == {"wgmma": 1, "mma": 1, "fma": 1}
+    assert compile_check.count_dots("%1 = tt.dot %a, %b, %c : x\n%2 = tt.dot %d, %e, %f : y\n") == 2
+
+
+def test_async_copies_are_counted():
+    ptx = ("cp.async.cg.shared.global [%r1], [%rd2], 16, p;\ncp.async.commit_group;\ncp.async.wait_group 0;\n"
+           "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r3], [%rd4, {%r5}], [%r6];")
+    assert compile_check.async_copy_count(ptx) == 2
+
+
+def _result(**fields) -> compile_check.CompileResult:
+    base = dict(kernel="k", arch=90, config="c", regs=100, spills=0, smem=1024, dots=4, wgmma=4, mma=0, fma=0,
+                async_copies=8)
+    base.update(fields)
+    return compile_check.CompileResult(**base)
+
+
+def _spec(**fields) -> KernelSpec:
+    return KernelSpec("k", None, config="c", **fields)
+
+
+def test_check_result_accepts_a_good_build_and_names_each_problem():
+    spec = _spec(matrix="tensor", pipelined=True, num_stages=2)
+    assert compile_check.check_result(spec, _result()) == []
+    problems = compile_check.check_result(spec, _result(spills=64, smem=300_000, wgmma=3, mma=1, async_copies=0))
+    text = "; ".join(problems)
+    assert "spills 64 bytes" in text and "shared memory" in text
+    assert "expected all 4 dots on wgmma" in text and "not pipelined" in text
+    # On sm_80 "tensor" means mma.sync; a kernel expected to use mma.sync everywhere must not use wgmma.
+    assert compile_check.check_result(spec, _result(arch=80, wgmma=0, mma=4)) == []
+    assert compile_check.check_result(_spec(matrix="mma"), _result()) != []
+    assert compile_check.check_result(_spec(matrix="fma"), _result(wgmma=0, fma=4)) == []
+    assert compile_check.check_result(_spec(expect_mma=True), _result(arch=80, wgmma=0, mma=0, fma=4)) != []
+
+
+# ---------------------------------------------------------------------------------------------- specialization
+
+def test_launch_specialization_matches_what_tritons_launcher_builds():
+    # A real JIT function (not the interpreter's): the specialization of a launch with these values.
+    out = run_compiled("""
+        import json, torch, triton, triton.language as tl
+        from llmfast.ops._spec import launch_specialization
+
+        @triton.jit(do_not_specialize=["flag"])
+        def kernel(x_ptr, y_ptr, n, stride, one, odd, flag, scale, BLOCK: tl.constexpr):
+            pass
+
+        sig, consts, attrs = launch_specialization(kernel, dict(
+            x_ptr=torch.float16, y_ptr=torch.int32, n=4096, stride=1, one=1, odd=17, flag=1, scale=0.5, BLOCK=64))
+        print(json.dumps({"sig": sig, "consts": {k: int(v) for k, v in consts.items()},
+                          "attrs": {str(k[0]): v for k, v in attrs.items()}}))
+    """)
+    assert out["sig"] == {"x_ptr": "*fp16", "y_ptr": "*i32", "n": "i32", "stride": "constexpr", "one": "constexpr",
+                          "odd": "i32", "flag": "i32", "scale": "fp32", "BLOCK": "constexpr"}
+    assert out["consts"] == {"stride": 1, "one": 1, "BLOCK": 64}
+    # Aligned pointers and 16-multiple ints get tt.divisibility=16; 17, the unspecialized flag and floats do not.
+    assert out["attrs"] == {"0": [["tt.divisibility", 16]], "1": [["tt.divisibility", 16]],
+                            "2": [["tt.divisibility", 16]]}
+
+
+def test_attention_specs_carry_the_launch_arguments_of_the_real_host_code():
+    from llmfast.ops import attention as attn
+
+    specs = attn.compile_specs()
+    by_config = {(s.arches, s.config): s for s in specs}
+    fwd = by_config[((90,), "fwd_d128_fp16_flash_causal")]
+    assert fwd.launch_args["stride_qm"] == 16 * 128 and fwd.launch_args["group_size"] == 1
+    assert fwd.launch_args["BLOCK_M"] == attn.ATTENTION_CONFIGS["sm90"]["fwd_d128"]["BLOCK_M"]
+    assert fwd.matrix == "tensor" and fwd.pipelined
+    # Every launchable variant is compiled somewhere.
+    flags = [s.launch_args for s in specs]
+    for key, value in [("MASK_IS_BOOL", True), ("HAS_MASK", True), ("STORE_DS", True), ("DROPOUT", True),
+                       ("IS_VARLEN", True), ("HAS_DLSE", True), ("FP32_IEEE", True), ("FP32_IEEE", False),
+                       ("HAS_LEFT", True), ("BOTTOM_RIGHT", False), ("BOTTOM_RIGHT", True)]:
+        assert any(f.get(key) is value for f in flags), (key, value)
+    assert any(not f.get("HAS_LEFT") and not f.get("HAS_RIGHT") and "HAS_RIGHT" in f for f in flags)
+    assert any(f["Q"] == torch.float32 and not f["FP32_IEEE"] for f in flags if "FP32_IEEE" in f)  # TF32
+    assert any(f.get("group_size", 1) != 1 for f in flags)  # GQA
+
+
+# ---------------------------------------------------------------------------------------------- real compiles
+
+def test_checker_rejects_a_spilling_config_and_accepts_a_small_one():
+    out = run_compiled("""
+        import json, triton, triton.language as tl
+        from llmfast import compile_check
+        from llmfast.ops._spec import KernelSpec
+
+        @triton.jit
+        def accumulate(x_ptr, out_ptr, n_steps, BLOCK: tl.constexpr):
+            # A BLOCK x BLOCK fp32 accumulator that lives across the loop: 128 x 128 on one warp is 512
+            # registers a thread, past the 255 a thread can have.
+            offs = tl.arange(0, BLOCK)
+            acc = tl.zeros([BLOCK, BLOCK], tl.float32)
+            for step in range(n_steps):
+                acc += tl.load(x_ptr + step * BLOCK * BLOCK + offs[:, None] * BLOCK + offs[None, :])
+                acc = acc * 0.5 + tl.sqrt(tl.abs(acc))
+            tl.store(out_ptr + offs[:, None] * BLOCK + offs[None, :], acc)
+
+        results = {}
+        for name, block, warps in (("spilling", 128, 1), ("small", 32, 4)):
+            spec = KernelSpec("accumulate", accumulate, config=name, num_warps=warps, num_stages=1,
+                              launch_args=dict(x_ptr=__import__("torch").float32, out_ptr=__import__("torch").float32,
+                                               n_steps=7, BLOCK=block))
+            result = compile_check.compile_one(spec, 80)
+            results[name] = {"line": result.line(), "spills": result.spills, "error": result.error}
+        print(json.dumps(results))
+    """)
+    assert out["spilling"]["spills"] > 0 and "spills" in out["spilling"]["error"], out
+    assert out["small"]["error"] is None and out["small"]["spills"] == 0, out
+
+
+@pytest.mark.parametrize("arch,instruction", [(90, "wgmma"), (80, "mma")])
+def test_shipped_d128_forward_is_a_large_pipelined_tensor_core_tile(arch, instruction):
+    # The issue's bar: the 16-bit head-dim-128 forward, compiled as launched, has a tile of at least 128 x 64,
+    # every dot on the arch's matrix instruction, asynchronous copies feeding the loop, and no spills.
+    out = run_compiled(f"""
+        import json
+        from llmfast import compile_check
+        from llmfast.ops.attention import compile_specs
+        spec = next(s for s in compile_specs() if s.arches == ({arch},) and s.config == "fwd_d128_fp16_flash_causal")
+        r = compile_check.compile_one(spec, {arch})
+        print(json.dumps(dict(error=r.error, spills=r.spills, dots=r.dots, wgmma=r.wgmma, mma=r.mma,
+                              async_copies=r.async_copies, BLOCK_M=spec.launch_args["BLOCK_M"],
+                              BLOCK_N=spec.launch_args["BLOCK_N"])))
+    """)
+    assert out["error"] is None, out
+    assert out["BLOCK_M"] >= 128 and out["BLOCK_N"] >= 64, out
+    assert out["spills"] == 0 and out["async_copies"] > 0, out
+    assert out["dots"] > 0 and out[instruction] == out["dots"], out
