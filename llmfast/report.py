@@ -273,6 +273,8 @@ def section(document: dict[str, Any], source: str) -> str:
         lines.append(f"Versions: {versions}.")
     if document.get("tests"):
         lines.append(f"Tests on this device: {document['tests']}.")
+    for note in document.get("notes") or []:  # gpu_report: driver, copy bandwidth, failing tests, autotune picks
+        lines.append(f"- {note}")
     lines += ["", markdown_table(document.get("rows") or [])]
     return "\n".join(lines) + "\n"
 
