@@ -89,7 +89,7 @@ STRIDED_TILES: dict[str, Tile] = {
 }
 # Long rows: the looped online-softmax kernels, a block of columns per iteration.
 LOOPED_TILES: dict[str, Tile] = {
-    "looped_row": Tile(1, 4096, 8),
+    "looped_row": Tile(1, 2048, 8),  # 4096 columns: ptxas spills in the fp32 backward (launch specialization)
     "looped_strided": Tile(32, 128, 8),
 }
 # Segments per row in the looped kernels: enough programs to fill the GPU, at most MAX_SEGMENTS (a merge block).
