@@ -3,15 +3,16 @@
 pytest-benchmark times ``llmfast.flash_attn_with_kvcache`` on the ``auto`` backend (the Triton decode kernels on
 CUDA; the PyTorch path on the CPU) for one decoding step: append one token's key/value at ``cache_seqlens`` and
 attend over the whole cache (``cache_seqlens`` is reset each round, so every round does the same work). The peers,
-timed next to it with ``median_seconds``, do the same step:
+timed next to it with ``time_peer``, do the same step:
 
 * ``torch_sdpa`` (``torch_sdpa_ms``): the new key/value written into the cache by indexing, then
   ``torch.nn.functional.scaled_dot_product_attention`` over the (B, Hk, L, D) view of the cache (``enable_gqa``);
 * ``reference`` (``reference_ms``): :func:`llmfast.reference.decode.flash_attn_with_kvcache` (materialises the scores).
 
 ``benchmark.extra_info`` gets ``ms_per_token`` (the step's latency), ``tokens_per_s`` (batch / latency),
-``<peer>_ms`` and ``<peer>_tokens_per_s`` for each peer and ``speedup_vs_<peer>``; on CUDA also ``kv_read_gbps`` (bytes of K and V read per second) against
-``copy_gbps``, the card's measured copy bandwidth for a buffer of the cache's size (``fraction_of_copy``).
+``<peer>_ms`` and ``<peer>_tokens_per_s`` for each peer and ``speedup_vs_<peer>``; on CUDA also ``kv_read_gbps``
+(bytes of K and V read per second) against ``copy_gbps``, the card's measured copy bandwidth for a buffer of the
+cache's size (``fraction_of_copy``).
 
 On CUDA: bf16, 32 query heads over 8 KV heads (GQA), head dim 128, batch 1, 8 and 64, cache lengths 1k to 32k, a
 contiguous cache and a paged one (page size 256). On the CPU: float32, tiny sizes (batch 1 and 8 at 256 cached

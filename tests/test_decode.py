@@ -565,3 +565,29 @@ def test_torch_compile_fullgraph_mutates_the_cache():
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     assert torch.equal(mine["k_cache"], eager["k_cache"]) and torch.equal(mine["v_cache"], eager["v_cache"])
     assert not torch.equal(mine["k_cache"], case["k_cache"])
+
+
+def test_strided_index_tensors_are_read_correctly():
+    """Strided block_table / cache_seqlens / cache_batch_idx (views) give the same result as dense ones."""
+    case = make_case(page_size=16, new=1, seqlen_q=1)
+    wide = torch.zeros(case["block_table"].shape[0], 2 * case["block_table"].shape[1], dtype=torch.int32)
+    wide[:, ::2] = case["block_table"]
+    strided = dict(case, block_table=wide[:, ::2])
+    seq = torch.zeros(4, dtype=torch.int32)
+    seq[::2] = case["cache_seqlens"]
+    strided["cache_seqlens"] = seq[::2]
+    mine, dense = _copy(strided), _copy(case)
+    mine["block_table"], mine["cache_seqlens"] = strided["block_table"], strided["cache_seqlens"]
+    with llmfast.backend("triton"):
+        got = llmfast.flash_attn_with_kvcache(**mine, causal=True)
+        want = llmfast.flash_attn_with_kvcache(**dense, causal=True)
+    assert torch.equal(got, want) and torch.equal(mine["k_cache"], dense["k_cache"])
+    rows = make_case(batch_idx=True)
+    idx = torch.zeros(4, dtype=torch.int32)
+    idx[::2] = rows["cache_batch_idx"]
+    mine, dense = _copy(rows), _copy(rows)
+    mine["cache_batch_idx"] = idx[::2]
+    with llmfast.backend("triton"):
+        got = llmfast.flash_attn_with_kvcache(**mine)
+        want = llmfast.flash_attn_with_kvcache(**dense)
+    assert torch.equal(got, want) and torch.equal(mine["k_cache"], dense["k_cache"])

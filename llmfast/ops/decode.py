@@ -11,7 +11,8 @@ as memory allows. The kernels:
   group. Each split streams its share of the key range through an online softmax and writes a partial output and
   its log-sum-exp (or, with one split, the final output). A single row (MHA decoding) runs on the FMA units (a
   keys x dims product reduced over dims); two rows or more (GQA groups x speculative tokens) run on the tensor
-  cores with ``tl.dot`` in 16- or 64-row blocks (a few padded rows cost nothing in a memory-bound step). Causal / sliding windows (bottom-right per sequence), softcap and ALiBi are
+  cores with ``tl.dot`` in 16- or 64-row blocks (a few padded rows cost nothing in a memory-bound step).
+  Causal / sliding windows (bottom-right per sequence), softcap and ALiBi are
   applied to the scores; paged caches are addressed per key through ``block_table``.
 * ``_decode_combine_kernel``: merges the splits' partial outputs, weighting each by ``exp(lse_split - lse)``.
 
@@ -624,7 +625,8 @@ class _Call:
                 raise ValueError(f"cache_seqlens must be >= 0, got {cache_seqlens}")
             self.seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
         elif isinstance(cache_seqlens, torch.Tensor):
-            self.seqlens = _check_index_tensor("cache_seqlens", cache_seqlens, (batch,), q.device)
+            # The kernels index the small index tensors densely: strided ones are copied (a few bytes).
+            self.seqlens = _check_index_tensor("cache_seqlens", cache_seqlens, (batch,), q.device).contiguous()
         else:
             raise TypeError(f"cache_seqlens must be an int, a (batch,) int32 tensor or None, got "
                             f"{type(cache_seqlens).__name__}")
@@ -674,6 +676,8 @@ class _Call:
         if not isinstance(return_softmax_lse, bool):
             raise TypeError(f"return_softmax_lse must be a bool, got {type(return_softmax_lse).__name__}")
         self.rotary_cos, self.rotary_sin, self.alibi = rotary_cos, rotary_sin, alibi_slopes
+        self.block_table = block_table.contiguous() if block_table is not None else None
+        self.batch_idx = cache_batch_idx.contiguous() if cache_batch_idx is not None else None
         self.rotary_q_per_row = causal or self.left >= 0 or self.right >= 0
         self.longest = self._check_values(batch, k_cache, cache_batch_idx, block_table)
 
@@ -825,8 +829,8 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                  return_softmax_lse)
     impl = _backend.resolve("flash_attn_with_kvcache", q)
     if impl == "torch" or (impl == "triton" and q.dtype == torch.float64):
-        out, lse = _kvcache_torch(q, k_cache, v_cache, k, v, call, cache_batch_idx, block_table, rotary_interleaved,
-                                  return_softmax_lse)
+        out, lse = _kvcache_torch(q, k_cache, v_cache, k, v, call, call.batch_idx, call.block_table,
+                                  rotary_interleaved, return_softmax_lse)
         return (out, lse) if return_softmax_lse else out
     if impl == "reference":
         from llmfast.reference import decode as reference  # late: only needed when selected
@@ -850,8 +854,8 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     k = k if k is None or k.stride(-1) == 1 else k.contiguous()
     v = v if v is None or v.stride(-1) == 1 else v.contiguous()
     out, lse = _kvcache_op(q, k_cache, v_cache, k, v, call.rotary_cos, call.rotary_sin, call.seqlens,
-                           cache_batch_idx, block_table, call.alibi, call.scale, call.left, call.right, call.softcap,
-                           rotary_interleaved, call.rotary_q_per_row, splits)
+                           call.batch_idx, call.block_table, call.alibi, call.scale, call.left, call.right,
+                           call.softcap, rotary_interleaved, call.rotary_q_per_row, splits)
     return (out, lse) if return_softmax_lse else out
 
 
