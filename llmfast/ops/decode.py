@@ -47,8 +47,10 @@ MAX_SPLITS = 128
 # ----------------------------------------------------------------------------------------------------------------
 # Tuning. Kinds: "m1" runs one query row on the FMA units; "m16" / "m64" use tl.dot with 16 / 64-row blocks
 # (2..16 rows, then 17 and more). Head-dim buckets as in attention.py ("d64" serves 1..64, ...).
-# "_fp32" entries serve float32 inputs. Every entry compiles without spills (python -m llmfast.compile_check
-# --kernel decode); speed tuning on real GPUs is still to do.
+# "_fp32" entries serve float32 inputs. Every entry compiles without spills at a representative launch's
+# specialization (python -m llmfast.compile_check --kernel decode: 90 builds; 56-96 registers for one row, 68-80
+# for 16-row blocks, 112-227 for 64-row blocks; the tl.dot kernels' K/V loads are cp.async-pipelined). Chosen by
+# sweeping tiles for the first that builds without spills; speed tuning on real GPUs is still to do.
 # ----------------------------------------------------------------------------------------------------------------
 _COMMON_CONFIGS = {
     "m16_d64": dict(BLOCK_N=64, num_warps=4, num_stages=3),
@@ -879,29 +881,56 @@ _VARIANTS = {
 }
 
 
-def _signature(fn, io: str, cos: str = "fp32") -> tuple[dict[str, str], list[str]]:
-    params = inspect.signature(fn.fn).parameters
-    constexpr_names = [n for n, p in params.items() if "constexpr" in str(p.annotation)]
-    signature = {}
-    for name in params:
-        if name in constexpr_names:
-            continue
-        if name in _INDEX_POINTERS:
-            signature[name] = "*i32"
+_TORCH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "i32": torch.int32}
+# Representative problem per row kind (batch 8, 4096 cached positions): what a real launch passes, so the compile
+# check specializes the kernel as Triton's launcher would (16-divisible strides, arguments equal to 1 as constants).
+_LAUNCH_SHAPES = {"m1": dict(seqlen_q=1, num_heads=8, num_kv_heads=8),
+                  "m16": dict(seqlen_q=4, num_heads=32, num_kv_heads=8),
+                  "m64": dict(seqlen_q=8, num_heads=64, num_kv_heads=8)}
+_BATCH, _LENGTH, _PAGE, _SPLITS = 8, 4096, 256, 4
+
+
+def _launch_args(fn, io: str, ints: dict, constexprs: dict, cos: str = "fp32") -> dict:
+    """Every argument of ``fn`` at a representative launch: pointers as torch dtypes (aligned tensors), the
+    integers from ``ints``, the float scalars, the constexprs."""
+    args = {}
+    for name, param in inspect.signature(fn.fn).parameters.items():
+        if "constexpr" in str(param.annotation):
+            args[name] = constexprs[name]
+        elif name in _INDEX_POINTERS:
+            args[name] = torch.int32
         elif name in _FLOAT_POINTERS:
-            signature[name] = "*fp32"
+            args[name] = torch.float32
         elif name in ("Cos", "Sin"):
-            signature[name] = f"*{cos}"
+            args[name] = _TORCH_DTYPE[cos]
         elif name[0].isupper():
-            signature[name] = f"*{io}"
+            args[name] = _TORCH_DTYPE[io]
+        elif name in _FLOAT_SCALARS:
+            args[name] = 0.125
         else:
-            signature[name] = "fp32" if name in _FLOAT_SCALARS else "i32"
-    return signature, constexpr_names
+            args[name] = ints[name]
+    return args
+
+
+def _decode_ints(kind: str, block_d: int, variant: dict) -> dict:
+    shape = _LAUNCH_SHAPES[kind]
+    sq, heads, kv_heads = shape["seqlen_q"], shape["num_heads"], shape["num_kv_heads"]
+    group = heads // kv_heads
+    rows = _PAGE if variant["PAGED"] else _LENGTH
+    return dict(stride_qb=sq * group * block_d, stride_qm=block_d,
+                stride_kb=rows * kv_heads * block_d, stride_kn=kv_heads * block_d, stride_kh=block_d,
+                stride_vb=rows * kv_heads * block_d, stride_vn=kv_heads * block_d, stride_vh=block_d,
+                stride_ob=sq * heads * block_d, stride_om=heads * block_d, stride_oh=block_d,
+                stride_lb=heads * sq, stride_lh=sq, stride_btb=_LENGTH // _PAGE,
+                stride_ab=heads if variant["HAS_ALIBI"] else 0, batch=_BATCH, seqlen_q=sq, num_heads=heads,
+                num_kv_heads=kv_heads, group_size=group, fixed_seqlen_k=_LENGTH,
+                page_size=_PAGE if variant["PAGED"] else 1, num_splits=_SPLITS if variant["SPLIT"] else 1,
+                window_left=256, window_right=0)
 
 
 def compile_specs() -> list[KernelSpec]:
-    """Every decode config of every GPU architecture (16-bit in two feature sets, fp32 in one), the combine
-    kernel per head-dim bucket, and the append kernel with and without rotary."""
+    """Every decode config of every GPU architecture (16-bit in three feature sets, fp32 in one), the combine
+    kernel per head-dim bucket, and the append kernel with and without rotary, each at a representative launch."""
     specs = []
     for arch_key, arch in (("sm80", 80), ("sm90", 90)):
         for name, cfg in DECODE_CONFIGS[arch_key].items():
@@ -913,31 +942,43 @@ def compile_specs() -> list[KernelSpec]:
                 (torch.float16, "plain"), (torch.bfloat16, "paged_all"), (torch.float16, "batchidx_causal_split"))
             for dtype, variant in cases:
                 io = _TRITON_DTYPE[dtype]
-                signature, constexpr_names = _signature(_decode_kernel, io)
                 values = dict(_VARIANTS[variant], HEAD_D=block_d, BLOCK_D=block_d, BLOCK_M=block_m,
                               BLOCK_N=cfg["BLOCK_N"], USE_DOT=block_m >= 16, FP32_IEEE=fp32)
                 # sm_90 runs 64-row dots on wgmma; 16-row blocks are below wgmma's tile and use mma.sync.
-                expect = block_m >= 16 and not fp32 and (arch == 80 or block_m >= 64)
-                specs.append(KernelSpec("decode_attention", _decode_kernel, signature,
-                                        {n: values[n] for n in constexpr_names},
-                                        f"{name}_{io}_{variant}" if not fp32 else f"{name}_{variant}",
-                                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], arches=(arch,),
-                                        expect_mma=expect))
+                matrix = None if block_m < 16 else "fma" if fp32 else "tensor" if block_m >= 64 else "mma"
+                label = f"{name}_{variant}" if fp32 else f"{name}_{io}_{variant}"
+                specs.append(KernelSpec(
+                    "decode_attention", _decode_kernel, config=label,
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], arches=(arch,), matrix=matrix,
+                    launch_args=_launch_args(_decode_kernel, io, _decode_ints(kind, block_d, _VARIANTS[variant]),
+                                             values)))
         for block_d in (64, 128, 256):
             for dtype in (torch.float16, torch.bfloat16):
                 io = _TRITON_DTYPE[dtype]
-                signature, constexpr_names = _signature(_decode_combine_kernel, io)
+                heads = 32
+                ints = dict(stride_ob=heads * block_d, stride_om=heads * block_d, stride_oh=block_d,
+                            stride_lb=heads, stride_lh=1, batch=_BATCH, seqlen_q=1, num_heads=heads,
+                            num_splits=16)
                 values = dict(HEAD_D=block_d, BLOCK_D=block_d, BLOCK_S=MAX_SPLITS)
-                specs.append(KernelSpec("decode_combine", _decode_combine_kernel, signature,
-                                        {n: values[n] for n in constexpr_names}, f"d{block_d}_{io}_s{MAX_SPLITS}",
-                                        num_warps=4, num_stages=1, arches=(arch,)))
+                specs.append(KernelSpec(
+                    "decode_combine", _decode_combine_kernel, config=f"d{block_d}_{io}_s{MAX_SPLITS}", num_warps=4,
+                    num_stages=1, arches=(arch,),
+                    launch_args=_launch_args(_decode_combine_kernel, io, ints, values)))
             for rotary, paged in ((0, False), (block_d, True)):
                 io = "bf16"
-                signature, constexpr_names = _signature(_kv_append_kernel, io, cos=io)
+                kv_heads = 8
+                rows = _PAGE if paged else _LENGTH
+                ints = dict(stride_knb=kv_heads * block_d, stride_knt=kv_heads * block_d, stride_knh=block_d,
+                            stride_vnb=kv_heads * block_d, stride_vnt=kv_heads * block_d, stride_vnh=block_d,
+                            stride_kb=rows * kv_heads * block_d, stride_kn=kv_heads * block_d, stride_kh=block_d,
+                            stride_vb=rows * kv_heads * block_d, stride_vn=kv_heads * block_d, stride_vh=block_d,
+                            stride_btb=_LENGTH // _PAGE, stride_cos=max(rotary // 2, 1),
+                            stride_sin=max(rotary // 2, 1), seqlen_new=1, page_size=_PAGE if paged else 1,
+                            capacity=_LENGTH, num_blocks=_BATCH * _LENGTH // _PAGE)
                 values = dict(HEAD_D=block_d, BLOCK_D=block_d, ROTARY_DIM=rotary, INTERLEAVED=False, PAGED=paged,
                               HAS_BATCH_IDX=not paged)
-                specs.append(KernelSpec("decode_kv_append", _kv_append_kernel, signature,
-                                        {n: values[n] for n in constexpr_names},
-                                        f"d{block_d}_{io}_{'paged_rotary' if rotary else 'plain'}",
-                                        num_warps=1, num_stages=1, arches=(arch,)))
+                specs.append(KernelSpec(
+                    "decode_kv_append", _kv_append_kernel,
+                    config=f"d{block_d}_{io}_{'paged_rotary' if rotary else 'plain'}", num_warps=1, num_stages=1,
+                    arches=(arch,), launch_args=_launch_args(_kv_append_kernel, io, ints, values, cos=io)))
     return specs
