@@ -246,38 +246,6 @@ def load_checkpoint(directory: str, device: torch.device) -> tuple[Model, ByteTo
 # Training helpers.
 
 
-def split_train_val(ids: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """First 90% for training, last 10% for validation; each must hold at least one block plus its target."""
-    n_val = len(ids) // 10
-    train_ids, val_ids = ids[: len(ids) - n_val], ids[len(ids) - n_val:]
-    if len(val_ids) < block_size + 1:
-        raise CliError(f"the text is too short: {len(ids)} tokens, but the 10% validation split needs at least "
-                       f"block_size + 1 = {block_size + 1}; give at least {10 * (block_size + 1)} tokens or "
-                       f"lower --block-size")
-    return train_ids, val_ids
-
-
-def get_batch(ids: torch.Tensor, block_size: int, batch_size: int, generator: torch.Generator,
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows of ``block_size`` tokens and the same windows shifted by one (the next-token targets)."""
-    starts = torch.randint(len(ids) - block_size, (batch_size,), generator=generator).tolist()
-    x = torch.stack([ids[s: s + block_size] for s in starts])
-    y = torch.stack([ids[s + 1: s + 1 + block_size] for s in starts])
-    return x.to(device), y.to(device)
-
-
-@torch.no_grad()
-def estimate_loss(model: Model, ids: torch.Tensor, block_size: int, batch_size: int, iters: int, seed: int,
-                  device: torch.device) -> float:
-    """Mean loss over ``iters`` random batches; the same batches at every call, so evaluations compare."""
-    generator = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    losses = [model(*get_batch(ids, block_size, batch_size, generator, device)).item() for _ in range(iters)]
-    model.train(was_training)
-    return sum(losses) / len(losses)
-
-
 def learning_rate(step: int, max_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
     """Linear warmup to ``max_lr``, then a cosine decay to ``min_lr`` at ``total_steps``."""
     if step < warmup_steps:
@@ -346,81 +314,17 @@ def model_config(args: argparse.Namespace, vocab_size: int) -> GPTConfig | Llama
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    """``llmfast train``: the loop lives in :mod:`llmfast.training.loop` (one process, or DDP/FSDP2 under torchrun)."""
+    from llmfast.training.loop import train
 
-    device = resolve_device(args.device)
-    check_model_args(args)
-    out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CliError(f"--out {args.out}: exists and is not a directory")
-    text = read_text(args.data) if args.data is not None else default_text()
-    source = args.data if args.data is not None else "pydoc_data.topics (built in)"
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CliError(f"--out {args.out}: cannot create it ({exc.strerror})") from None
+    return train(args)
 
-    torch.manual_seed(args.seed)
-    try:
-        tokenizer = tokenizer_classes()[args.tokenizer].train(args.tokenizer, text, out_dir, args)
-    except ValueError as exc:  # e.g. a --vocab-size the BPE trainer refuses
-        raise CliError(f"--tokenizer {args.tokenizer}: {exc}") from None
-    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    train_ids, val_ids = split_train_val(ids, args.block_size)
-    config = model_config(args, tokenizer.vocab_size)
-    model = ARCHITECTURES[args.arch][0](config).to(device)
-    optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    warmup = args.warmup_steps if args.warmup_steps is not None else min(100, args.steps // 10)
-    min_lr = args.lr * args.min_lr_ratio
-    batches = torch.Generator().manual_seed(args.seed)
-    print(f"data {source}: {len(ids)} tokens ({args.tokenizer}), {len(train_ids)} train / {len(val_ids)} val")
-    heads = f"n_head {config.n_head}" + (f" n_kv_head {config.n_kv_head}" if args.arch == "llama" else "")
-    print(f"model {args.arch} {model.num_parameters()} parameters: n_layer {config.n_layer} {heads} "
-          f"n_embd {config.n_embd} block_size {config.block_size}; device {device}, backend {args.backend}, "
-          f"{torch.get_num_threads()} CPU thread{'s' if torch.get_num_threads() != 1 else ''}")
 
-    def evaluate() -> tuple[float, float]:
-        sizes = (args.block_size, args.batch_size, args.eval_iters)
-        return (estimate_loss(model, train_ids, *sizes, seed=args.seed + 1, device=device),
-                estimate_loss(model, val_ids, *sizes, seed=args.seed + 2, device=device))
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """``llmfast prepare TEXT --out DIR``: see :func:`llmfast.training.data.cmd_prepare`."""
+    from llmfast.training.data import cmd_prepare as prepare
 
-    started = time.perf_counter()
-    model.train()
-    progress = tqdm(total=args.steps, desc="train", unit="step", file=sys.stderr, disable=args.no_progress,
-                    dynamic_ncols=True)
-    history = []
-    for step in range(args.steps + 1):
-        if step % args.eval_interval == 0 or step == args.steps:
-            train_loss, val_loss = evaluate()
-            history.append({"step": step, "train_loss": train_loss, "val_loss": val_loss})
-            progress.write(log_line(step, train_loss, val_loss), file=sys.stdout)
-            sys.stdout.flush()
-            if not math.isfinite(val_loss):
-                progress.close()
-                raise CliError(f"training diverged at step {step} (val_loss {val_loss}); lower --lr")
-        if step == args.steps:
-            break
-        lr = learning_rate(step, args.lr, min_lr, warmup, args.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = get_batch(train_ids, args.block_size, args.batch_size, batches, device)
-        loss = model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        progress.update()
-        progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
-    progress.close()
-    elapsed = time.perf_counter() - started
-
-    training = {key: getattr(args, key) for key in ("steps", "batch_size", "lr", "min_lr_ratio", "weight_decay",
-                                                     "grad_clip", "eval_interval", "eval_iters", "seed")}
-    training.update(data=source, warmup_steps=warmup, seconds=round(elapsed, 2), history=history)
-    save_checkpoint(model, tokenizer, out_dir, training)
-    print(f"saved {out_dir / WEIGHTS_FILE} and {out_dir / CONFIG_FILE} "
-          f"({args.steps} steps in {elapsed:.1f} s)")
-    return 0
+    return prepare(args)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -562,7 +466,7 @@ def version_string() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="llmfast", description="Train, sample from and evaluate llmfast's small GPT or Llama.")
     parser.add_argument("--version", action="version", version=version_string())
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,eval}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,prepare,generate,eval}")
 
     def add_common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
@@ -571,17 +475,21 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--threads", type=positive_int, default=None,
                          help="CPU threads for torch (default: the idle usable cores, at least 1)")
 
+    def add_tokenizer(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--tokenizer", default=None, choices=list(tokenizer_classes()),
+                         help="bytes (default, 256 tokens), bpe (trained on the text, if available) or a published "
+                              "vocabulary found offline; a prepared --data directory brings its own")
+        sub.add_argument("--vocab-size", type=positive_int, default=512, help="for --tokenizer bpe (default 512)")
+
     defaults = GPTConfig()
     train = commands.add_parser("train", help="train a GPT or a Llama on a text file")
     train.add_argument("--arch", default="gpt", choices=list(ARCHITECTURES),
                        help="gpt (GPT-2 style, default) or llama (RMSNorm, rotary, grouped-query attention, SwiGLU)")
-    train.add_argument("--data", help="UTF-8 text file (default: Python's built-in pydoc_data.topics)")
+    train.add_argument("--data", help="UTF-8 text file, or a directory written by `llmfast prepare` (read as a "
+                                      "memory map); default: Python's built-in pydoc_data.topics")
     train.add_argument("--out", required=True, help="directory for model.safetensors and config.json")
     train.add_argument("--steps", type=non_negative_int, default=300, help="optimizer steps (default 300)")
-    train.add_argument("--tokenizer", default="bytes", choices=list(tokenizer_classes()),
-                       help="bytes (default, 256 tokens), bpe (trained on the text, if available) or a published "
-                            "vocabulary found offline")
-    train.add_argument("--vocab-size", type=positive_int, default=512, help="for --tokenizer bpe (default 512)")
+    add_tokenizer(train)
     train.add_argument("--n-layer", type=positive_int, default=defaults.n_layer)
     train.add_argument("--n-head", type=positive_int, default=defaults.n_head)
     train.add_argument("--n-embd", type=positive_int, default=defaults.n_embd)
@@ -607,8 +515,30 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-iters", type=positive_int, default=20, help="batches per evaluation")
     train.add_argument("--seed", type=non_negative_int, default=1337)
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--distributed", default=None, choices=["ddp", "fsdp"],
+                       help="under torchrun: DistributedDataParallel or FSDP2 fully_shard (NCCL on CUDA, gloo on "
+                            "the CPU); --batch-size stays the global batch")
+    train.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                       help="autocast precision (fp16 adds a gradient scaler; default fp32)")
+    train.add_argument("--grad-accum", type=positive_int, default=1,
+                       help="micro-batches per optimizer step (gradients synced on the last only; default 1)")
+    train.add_argument("--compile", action="store_true", help="torch.compile the model")
+    train.add_argument("--save-interval", type=non_negative_int, default=0,
+                       help="write a resumable checkpoint (DCP) under OUT/checkpoints every N steps (0: only at "
+                            "the end of a distributed, resumed or --save-interval run)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the newest checkpoint under --out (same flags)")
     add_common(train)
     train.set_defaults(run=cmd_train)
+
+    prepare = commands.add_parser("prepare", help="tokenize a text once into a memory-mapped token file")
+    prepare.add_argument("text", metavar="TEXT", help="UTF-8 text file")
+    prepare.add_argument("--out", required=True, help="directory for tokens.bin and meta.json")
+    add_tokenizer(prepare)
+    prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prepare.add_argument("--threads", type=positive_int, default=None,
+                         help="tokenizer threads (default: all usable cores)")
+    prepare.set_defaults(run=cmd_prepare, device="cpu", backend="auto")
 
     generate = commands.add_parser("generate", help="sample text from a checkpoint")
     generate.add_argument("checkpoint", help="directory written by `llmfast train`")

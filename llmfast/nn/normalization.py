@@ -37,6 +37,12 @@ class RMSNorm(torch.nn.Module):
         torch.nn.init.constant_(self.weight, 1.0 - self.offset)
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is not None and residual.dtype != hidden_states.dtype \
+                and torch.is_autocast_enabled(hidden_states.device.type):
+            # Under autocast a block's output is 16-bit while the residual stream stays fp32; unfused, their sum
+            # would promote to fp32, so the fused add does the same.
+            wide = torch.promote_types(residual.dtype, hidden_states.dtype)
+            hidden_states, residual = hidden_states.to(wide), residual.to(wide)
         return rms_ops.rms_norm(hidden_states, self.weight, self.variance_epsilon, offset=self.offset,
                                 residual=residual)
 
