@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +88,10 @@ def save(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, genera
     state = _state(model, optimizer)
     if cluster.active:
         dcp.save(state, checkpoint_id=str(tmp))
-    else:  # no process group: DCP writes a single-rank checkpoint without one
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=True)
+    else:  # no process group: DCP writes a single-rank checkpoint without one (and warns that it does)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=True)
     torch.save(_rng_state(generator, scaler), tmp / f"rng_rank{cluster.rank}.pt")
     if cluster.is_main:
         meta = dict(trainer, step=step, world_size=cluster.world_size)
@@ -135,7 +138,9 @@ def load(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, genera
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = _state(model, optimizer)
-    dcp.load(state, checkpoint_id=str(path), no_dist=not cluster.active)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path), no_dist=not cluster.active)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = path / f"rng_rank{cluster.rank}.pt"
     if not rng_file.is_file():

@@ -134,7 +134,8 @@ def _train(args: argparse.Namespace, cluster: Cluster) -> int:
 
     say(f"data {source}: {len(ids)} tokens ({tokenizer_name}), {len(train_ids)} train / {len(val_ids)} val")
     heads = f"n_head {config.n_head}" + (f" n_kv_head {config.n_kv_head}" if args.arch == "llama" else "")
-    where = f"; {cluster.world_size} processes ({cluster.mode})" if cluster.active else ""
+    plural = "es" if cluster.world_size != 1 else ""
+    where = f"; {cluster.world_size} process{plural} ({cluster.mode})" if cluster.active else ""
     say(f"model {args.arch} {n_params} parameters: n_layer {config.n_layer} {heads} "
         f"n_embd {config.n_embd} block_size {config.block_size}; device {device}, backend {args.backend}, "
         f"{torch.get_num_threads()} CPU thread{'s' if torch.get_num_threads() != 1 else ''}{where}")
