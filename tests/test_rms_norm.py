@@ -313,6 +313,18 @@ def test_module_state_matches_hugging_face():
     assert "offset=1.0" in repr(gemma)
 
 
+def test_module_fused_add_under_autocast_promotes_like_the_unfused_sum():
+    """Under autocast a block's 16-bit output meets the fp32 residual stream: the fused add promotes to fp32, as
+    ``x + residual`` would (outside autocast mixed dtypes stay an error, below)."""
+    norm = RMSNorm(16, device=DEVICE)
+    x16, residual = rand(3, 16).to(torch.bfloat16), rand(3, 16)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        y, h = norm(x16, residual)
+    want_h = x16.float() + residual
+    assert h.dtype == torch.float32 and torch.equal(h, want_h)
+    torch.testing.assert_close(y, llama_rms_norm(want_h, norm.weight.detach(), norm.eps))
+
+
 @pytest.mark.parametrize("call,exc,words", [
     (lambda: llmfast.rms_norm(rand(4, 8), rand(7)), ValueError, ["weight", "(8,)", "(7,)"]),
     (lambda: llmfast.rms_norm(rand(4, 8), rand(2, 4)), ValueError, ["weight", "(2, 4)"]),
