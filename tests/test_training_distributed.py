@@ -88,6 +88,47 @@ def _fsdp_gradients(rank: int) -> None:
                                        msg=lambda m, name=name: f"{model_class.__name__} {name}: {m}")
 
 
+def _gradient_sync(rank: int) -> None:
+    """--grad-accum's micro-steps: no reduction before the last one (DDP: no all-reduce bucket is sent; FSDP2: the
+    sharded gradients stay empty), and after it the gradient of the whole accumulated batch."""
+    from llmfast.models.gpt import GPT, GPTConfig
+    from llmfast.training.distributed import Cluster, gradient_sync, wrap
+
+    config = GPTConfig(vocab_size=37, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    torch.manual_seed(4)
+    x, y = torch.randint(0, 37, (2, WORLD, 8)), torch.randint(0, 37, (2, WORLD, 8))  # (micro-step, rank, time)
+    single = GPT(config)
+    for m in range(2):
+        (single(x[m], y[m]) / 2).backward()
+    want = {name: p.grad for name, p in single.named_parameters()}
+    for mode in ("ddp", "fsdp"):
+        cluster = Cluster(mode, rank, WORLD, rank, torch.device("cpu"))
+        model = GPT(config)
+        model.load_state_dict(single.state_dict())
+        model = wrap(model, cluster)
+        sent = []
+        if mode == "ddp":
+            def hook(state, bucket):
+                sent.append(1)
+                return dist.all_reduce(bucket.buffer().div_(WORLD), async_op=True).get_future().then(
+                    lambda fut: fut.value()[0])
+            model.register_comm_hook(None, hook)
+        for m in range(2):
+            with gradient_sync(model, cluster, sync=m == 1):
+                (model(x[m, rank: rank + 1], y[m, rank: rank + 1]) / 2).backward()
+            if m == 0:
+                if mode == "ddp":
+                    assert not sent, "DDP reduced gradients on a no-sync micro-step"
+                else:
+                    assert all(p.grad is None for p in model.parameters()), "FSDP2 reduced on a no-sync micro-step"
+        assert mode == "fsdp" or sent
+        for name, param in model.named_parameters():
+            name = name.removeprefix("module.")
+            got = param.grad.full_tensor() if mode == "fsdp" else param.grad
+            torch.testing.assert_close(got, want[name], rtol=1e-5, atol=1e-7,
+                                       msg=lambda msg, name=name, mode=mode: f"{mode} {name}: {msg}")
+
+
 def _worker(rank: int, store: str, tmp: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
@@ -95,6 +136,7 @@ def _worker(rank: int, store: str, tmp: str) -> None:
     try:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
         _fsdp_gradients(rank)
+        _gradient_sync(rank)
         corpus, root = Path(tmp) / "corpus.txt", Path(tmp)
         base = ["train", "--data", str(corpus), *TINY]
         for name, flags in RUNS.items():
