@@ -2,12 +2,15 @@
 
     llmfast train --data FILE --steps N --out DIR     # prints "step N train_loss X val_loss Y val_ppl Z" lines
     llmfast train --arch llama ...                    # the Llama-style model (RMSNorm, rotary, GQA, SwiGLU)
+    torchrun --nproc_per_node N -m llmfast train --distributed ddp|fsdp ...   # several processes / GPUs
+    llmfast prepare FILE --out DIR                    # tokenize once; then train --data DIR reads a memory map
     llmfast generate DIR --prompt TEXT --max-new-tokens N
     llmfast eval DIR --data FILE
 
 A checkpoint directory holds ``model.safetensors`` (the weights) and ``config.json`` (the architecture and its
 sizes, the tokenizer, the training settings and final losses); generate and eval rebuild whichever model it
-records. Bad arguments end with one line on stderr and a non-zero exit status.
+records. Bad arguments end with one line on stderr and a non-zero exit status. This module parses the arguments;
+the training itself is :mod:`llmfast.training` (loop, distributed, checkpoint, data).
 """
 from __future__ import annotations
 

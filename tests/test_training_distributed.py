@@ -334,3 +334,36 @@ def test_torchrun_fsdp_llama_matches_one_process_resumes_and_generates(tmp_path)
                                "--seed", "0"])
     assert code == 0, err
     assert out.startswith("The")
+
+
+def test_prepare_with_a_trained_bpe_vocabulary_then_train_and_generate(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(cli.default_text()[:6000], encoding="utf-8")
+    code, _, err = run_main(["prepare", str(corpus), "--out", str(tmp_path / "data"), "--tokenizer", "bpe",
+                             "--vocab-size", "300", "--no-progress"])
+    assert code == 0, err
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert meta["tokenizer"]["name"] == "bpe" and meta["tokenizer"]["vocab_size"] == 300
+    assert meta["count"] < len(corpus.read_bytes())  # merges happened
+    code, out, err = run_main(["train", "--data", str(tmp_path / "data"), *TINY, "--steps", "2", "--eval-interval",
+                               "2", "--out", str(tmp_path / "run")])
+    assert code == 0, err
+    assert (tmp_path / "run" / "tokenizer.tiktoken").is_file()  # the checkpoint carries its own vocabulary
+    code, out, err = run_main(["generate", str(tmp_path / "run"), "--prompt", "The", "--max-new-tokens", "4",
+                               "--seed", "0"])
+    assert code == 0, err
+    assert out.startswith("The")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--grad-accum", "3"], "--batch-size 8 is the global batch and must be a multiple of --grad-accum 3 x 1 process"),
+    (["--resume"], "--resume: no checkpoint in"),
+    (["--tokenizer", "cl100k_base"], "was prepared with bytes"),
+])
+def test_bad_input_in_one_process(extra, message, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(cli.default_text()[:3000], encoding="utf-8")
+    assert run_main(["prepare", str(corpus), "--out", str(tmp_path / "data"), "--no-progress"])[0] == 0
+    code, _, err = run_main(["train", "--data", str(tmp_path / "data"), *TINY, "--steps", "1", *extra,
+                             "--out", str(tmp_path / "run")])
+    assert code != 0 and err.startswith("llmfast: error: ") and message in err, err
