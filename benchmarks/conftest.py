@@ -10,7 +10,8 @@ slower), the first call's time and a quality check. Options:
 * ``--llmfast-plot DIR``: one PNG per op, speedup against case (needs matplotlib: ``pip install llmfast[plot]``);
 * ``--llmfast-reruns N`` (default 2): a benchmark whose rounds disagree (median more than
   ``llmfast.report.MAX_SPREAD`` times the fastest round) runs again, up to N more times, and the steadiest attempt
-  is kept; one still noisy is flagged in the table and withheld from RESULTS.md, never published silently;
+  is kept (benchmarks that take over ``RERUN_MAX_SECONDS`` are not rerun); one still noisy is flagged in the table
+  and withheld from RESULTS.md, never published silently;
 * ``--llmfast-cpu-threads N`` (default 1, 0 = torch's default): torch's intra-op threads on a machine without
   CUDA. On a shared 2-core VM, a parallel CPU op waits for its second OpenMP thread to be scheduled whenever
   another process holds that core: the wait is the scheduler's time slice, 4-12 ms, whatever the op. That is
@@ -43,6 +44,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -61,6 +63,7 @@ from llmfast import report  # noqa: E402
 TARGET_ROUND_SECONDS = 1e-3   # measure(): iterations per round so that a round lasts at least this long
 DEFAULT_BUDGET_SECONDS = 1.0  # measure(): about this much time in timed rounds per benchmark
 MAX_ROUNDS = 200
+RERUN_MAX_SECONDS = 30.0      # a noisy benchmark that took longer than this is flagged, not rerun
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -275,14 +278,16 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
         if attempt:
             item._initrequest()  # fresh function-scoped fixtures (a new benchmark fixture)
         before = len(session.benchmarks)
+        started = time.perf_counter()
         reports = runtestprotocol(item, nextitem=nextitem, log=False)
+        took = time.perf_counter() - started
         entries = session.benchmarks[before:]
         del session.benchmarks[before:]
         failed = any(r.failed for r in reports)
         spread = _attempt_spread(entries) if entries else 1.0
         attempts.append((spread, reports, entries))
-        if failed or not entries or spread <= report.MAX_SPREAD:
-            break
+        if failed or not entries or spread <= report.MAX_SPREAD or took > RERUN_MAX_SECONDS:
+            break  # a long benchmark is flagged rather than run again
     last = attempts[-1]
     spread, reports, entries = last if any(r.failed for r in last[1]) else min(attempts, key=lambda a: a[0])
     for entry in entries:
@@ -397,7 +402,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     if flagged:
         terminalreporter.write_line(f"{flagged} of {len(rows)} rows failed the timing checks (see 'check'); "
                                     "RESULTS.md withholds them.")
-    command = "pytest " + " ".join(config.invocation_params.args)
+    command = "pytest " + shlex.join(config.invocation_params.args)
     json_path = config.getoption("llmfast_json")
     if json_path:
         document = report.run_document(rows, machine_info(), command)

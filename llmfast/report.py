@@ -221,7 +221,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     if bad:
         out += ["", f"Withheld ({len(bad)} rows whose timing failed the checks; their figures are not published):", ""]
         for row in bad:
-            out.append(f"- `{row['group']}` {row['op']} `{row['case']}`: {'; '.join(row['flags'])}")
+            note = f" (not a timing, still measured: {row['note']})" if row.get("note") else ""
+            out.append(f"- `{row['group']}` {row['op']} `{row['case']}`: {'; '.join(row['flags'])}{note}")
     return "\n".join(out)
 
 

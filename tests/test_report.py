@@ -114,3 +114,13 @@ def test_plugin_prints_summary_and_writes_json(tmp_path):
         assert row["peer"] == "torch" and row["reference_s"] and row["first_call_s"]
         assert row["rounds"] >= report.MIN_ROUNDS
     assert document["machine"]["versions"]["torch"]
+
+
+def test_results_md_is_what_the_report_command_writes():
+    """benchmarks/RESULTS.md holds only figures regenerated from benchmarks/results/*.json (no hand edits)."""
+    paths = sorted((REPO / "benchmarks" / "results").glob("*.json"))
+    if not paths:
+        pytest.skip("no benchmarks/results/*.json yet")
+    documents = [(str(p.relative_to(REPO)), json.loads(p.read_text())) for p in paths]
+    assert (REPO / "benchmarks" / "RESULTS.md").read_text() == report.results_markdown(documents), (
+        "RESULTS.md differs from its JSON: run python -m llmfast.report")
