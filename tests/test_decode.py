@@ -591,3 +591,24 @@ def test_strided_index_tensors_are_read_correctly():
         got = llmfast.flash_attn_with_kvcache(**mine)
         want = llmfast.flash_attn_with_kvcache(**dense)
     assert torch.equal(got, want) and torch.equal(mine["k_cache"], dense["k_cache"])
+
+
+def test_known_cache_lengths_skips_the_host_checks_but_kernels_still_never_write_out_of_bounds():
+    case = make_case(new=1, seqlens="int")
+    mine, dense = _copy(case), _copy(case)
+    lengths = case["cache_seqlens"] + 1
+    with llmfast.backend("triton"):
+        with ops.known_cache_lengths(lengths, lengths):
+            got = llmfast.flash_attn_with_kvcache(**mine, causal=True)
+        want = llmfast.flash_attn_with_kvcache(**dense, causal=True)
+    assert torch.equal(got, want) and torch.equal(mine["k_cache"], dense["k_cache"])
+    # A broken promise: the cache is full, yet nothing is written past it (the append kernel masks the write).
+    full = make_case(new=1, seqlens="int", batch=1)
+    full["cache_seqlens"] = full["k_cache"].shape[1]
+    mine = _copy(full)
+    with llmfast.backend("triton"), ops.known_cache_lengths(1, 1):
+        out = llmfast.flash_attn_with_kvcache(**mine)
+    assert torch.equal(mine["k_cache"], full["k_cache"]) and torch.equal(mine["v_cache"], full["v_cache"])
+    # ... and the keys read stop at the cache's end: the whole cache, as with cache_seqlens = capacity.
+    whole = ref.flash_attn_with_kvcache(**_copy(dict(full, cache_seqlens=full["k_cache"].shape[1], k=None, v=None)))
+    torch.testing.assert_close(out, whole, rtol=2e-3, atol=2e-3)

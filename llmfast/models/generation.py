@@ -161,6 +161,8 @@ def generate(model: torch.nn.Module, idx, max_new_tokens: int, *, temperature: f
     every later step re-encodes the last ``max_context()`` tokens, exactly as the uncached model does. Runs in
     eval mode and restores the previous mode.
     """
+    from llmfast.ops.decode import known_cache_lengths  # late: Triton loads only when generating
+
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     check_sampling_args(temperature, top_k, top_p, repetition_penalty)
@@ -194,7 +196,10 @@ def generate(model: torch.nn.Module, idx, max_new_tokens: int, *, temperature: f
                 logits = logits_all[torch.arange(batch, device=device), last]
             else:
                 cache.prefill = False
-                logits = model.forward_cached(next_tokens.view(batch, 1), cache)[:, -1]
+                # The loop knows every length on the host: the decode kernel skips its device-sync checks.
+                lengths = [len(c) for c in contexts]  # cache length + the token being decoded, per sequence
+                with known_cache_lengths(min(lengths), max(lengths)):
+                    logits = model.forward_cached(next_tokens.view(batch, 1), cache)[:, -1]
                 cache.seqlens += 1
             if vocab is None:
                 vocab = logits.shape[-1]

@@ -25,11 +25,13 @@ and ``v_cache``), with a fake implementation so ``torch.compile`` traces it.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import inspect
 import math
 import numbers
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import triton
@@ -238,7 +240,8 @@ def _decode_kernel(
     kvh = pid_bk % num_kv_heads
     b64 = b.to(tl.int64)
     if HAS_SEQLENS:
-        seqlen_k = tl.load(SeqLensK + b)
+        # Never past the cache (fixed_seqlen_k is its capacity), even for lengths the host did not check.
+        seqlen_k = tl.minimum(tl.load(SeqLensK + b), fixed_seqlen_k)
     else:
         seqlen_k = fixed_seqlen_k + b * 0
     diag = seqlen_k - seqlen_q  # bottom-right alignment: query i sits at key position i + diag
@@ -688,6 +691,11 @@ class _Call:
         self.shortest = 0  # unknown: the torch path then takes its general branch
         if torch.compiler.is_compiling():
             return self.capacity  # reading the tensors would break the graph; the kernels still mask
+        known = _KNOWN_LENGTHS.get()
+        if known is not None and cache_batch_idx is None and block_table is None:
+            # The caller vouched for the lengths (see known_cache_lengths): no device sync.
+            self.shortest = known[0]
+            return min(known[1], self.capacity)
         if self.seqlens is None:
             lengths = torch.full((batch,), self.capacity, dtype=torch.long)
         else:
@@ -797,6 +805,26 @@ def _kvcache_torch(q, k_cache, v_cache, k, v, call: _Call, cache_batch_idx, bloc
         batch, seqlen_q, heads, head_d).to(q.dtype)
     lse = lse.reshape(batch, heads, seqlen_q).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     return out, lse
+
+
+_KNOWN_LENGTHS: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+    "llmfast_known_cache_lengths", default=None)
+
+
+@contextlib.contextmanager
+def known_cache_lengths(shortest: int, longest: int) -> Iterator[None]:
+    """Inside, :func:`flash_attn_with_kvcache` trusts that every sequence's key range (``cache_seqlens`` plus the
+    new tokens) lies in ``[shortest, longest]`` and fits the cache, and skips the host-side checks that read
+    ``cache_seqlens`` back (a device sync per call, so per layer and token in a generation loop). For callers that
+    track the lengths on the host, like :func:`llmfast.models.generation.generate`. Calls with ``block_table`` or
+    ``cache_batch_idx`` still check those. The kernels never read or write past the cache either way: a wrong
+    promise gives wrong attention, not a stray memory access.
+    """
+    token = _KNOWN_LENGTHS.set((int(shortest), int(longest)))
+    try:
+        yield
+    finally:
+        _KNOWN_LENGTHS.reset(token)
 
 
 def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
