@@ -38,7 +38,13 @@ RUNS = {  # name -> flags of the runs compared with the one-process run of the s
     "fsdp-gpt": ["--arch", "gpt", "--distributed", "fsdp", "--grad-accum", "2"],
     "ddp-llama": ["--arch", "llama", "--distributed", "ddp"],
     "fsdp-llama": ["--arch", "llama", "--distributed", "fsdp", "--untied-head", "--grad-accum", "2"],
+    "fsdp-llama-bf16": ["--arch", "llama", "--distributed", "fsdp", "--dtype", "bf16"],
+    "ddp-gpt-fp16": ["--arch", "gpt", "--distributed", "ddp", "--dtype", "fp16", "--grad-accum", "2"],
 }
+# fp32: only the order of the gradient sums differs; 16-bit: the autocast matmuls round each rank's half batch
+# the way they round the whole one, but the fp32 updates differ in the last bits and 16-bit rounding magnifies
+# that (measured: 3e-5)
+TOLERANCE = {"fsdp-llama-bf16": 3e-4, "ddp-gpt-fp16": 3e-4}
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
 
 
@@ -205,9 +211,10 @@ def test_distributed_loss_curve_equals_one_process(pair, name, tmp_path):
     assert code == 0, err
     got, want = history(root / name), history(tmp_path / "single")
     assert [h["step"] for h in got] == [0, 1, 2, 3, 4]
+    rel = TOLERANCE.get(name, 2e-5)
     for g, w in zip(got, want):
-        assert g["train_loss"] == pytest.approx(w["train_loss"], rel=2e-5), (g, w)
-        assert g["val_loss"] == pytest.approx(w["val_loss"], rel=2e-5), (g, w)
+        assert g["train_loss"] == pytest.approx(w["train_loss"], rel=rel), (g, w)
+        assert g["val_loss"] == pytest.approx(w["val_loss"], rel=rel), (g, w)
     assert want[-1]["val_loss"] < want[0]["val_loss"] - 0.1  # and it did learn
 
 
