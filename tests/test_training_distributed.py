@@ -366,11 +366,18 @@ def test_prepare_with_a_trained_bpe_vocabulary_then_train_and_generate(tmp_path)
     (["--grad-accum", "3"], "--batch-size 8 is the global batch and must be a multiple of --grad-accum 3 x 1 process"),
     (["--resume"], "--resume: no checkpoint in"),
     (["--tokenizer", "cl100k_base"], "was prepared with bytes"),
+    (["CORRUPT"], "holds token id 300, but the tokenizer in meta.json has 256 tokens"),
 ])
 def test_bad_input_in_one_process(extra, message, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(cli.default_text()[:3000], encoding="utf-8")
     assert run_main(["prepare", str(corpus), "--out", str(tmp_path / "data"), "--no-progress"])[0] == 0
+    if "CORRUPT" in extra:  # an id past the vocabulary in an otherwise well-formed file
+        extra = extra[:-1]
+        tokens = np.memmap(tmp_path / "data" / "tokens.bin", dtype=np.uint16, mode="r+")
+        tokens[1234] = 300
+        tokens.flush()
+        del tokens
     code, _, err = run_main(["train", "--data", str(tmp_path / "data"), *TINY, "--steps", "1", *extra,
                              "--out", str(tmp_path / "run")])
     assert code != 0 and err.startswith("llmfast: error: ") and message in err, err

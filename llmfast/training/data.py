@@ -118,6 +118,12 @@ def load_prepared(path: str) -> PreparedData:
         raise _error(f"--data {path}: {TOKENS_FILE} holds {size} bytes, which is not {count} {dtype.name} tokens "
                      f"as {META_FILE} says (a file of the wrong dtype, or a truncated one)")
     tokens = np.memmap(tokens_path, dtype=dtype, mode="r", shape=(count,)) if count else np.zeros(0, dtype)
+    # One streaming pass (the pages are not kept): an id past the vocabulary would otherwise fail inside the
+    # embedding on some rank, mid-run, while the others wait in a collective.
+    top = max((int(tokens[i:i + (1 << 24)].max()) for i in range(0, count, 1 << 24)), default=0)
+    if top >= vocab:
+        raise _error(f"--data {path}: {TOKENS_FILE} holds token id {top}, but the tokenizer in {META_FILE} has "
+                     f"{vocab} tokens (ids 0..{vocab - 1})")
     return PreparedData(tokens=tokens, meta=meta, directory=directory)
 
 

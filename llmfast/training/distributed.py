@@ -151,7 +151,10 @@ def wrap(model: nn.Module, cluster: Cluster) -> nn.Module:
         ids = [cluster.device.index] if cluster.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
     if cluster.mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch 2.5 has FSDP2 under its first name
+            from torch.distributed._composable.fsdp import fully_shard
 
         for block in blocks_of(model):
             fully_shard(block)
