@@ -181,6 +181,23 @@ def test_generate_greedy_is_identical(family):
     assert llmfast.kernel_launch_counts().get("attention_fwd", 0) >= 6 * patched.config.num_hidden_layers
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_generate_decodes_through_the_kv_cache_kernel(family):
+    # One unpadded prompt: every decoding step has no mask, so it runs the split-KV decode kernel.
+    reference = _model(family).eval()
+    patched = lt.apply_llmfast(copy.deepcopy(reference))
+    ids = torch.randint(0, VOCAB, (1, 9))
+    want = reference.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    reset_kernel_launch_counts()
+    with llmfast.backend("triton"):
+        got = patched.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    counts = llmfast.kernel_launch_counts()
+    assert torch.equal(got, want)
+    layers = patched.config.num_hidden_layers
+    assert counts.get("decode_attention", 0) == 4 * layers, counts   # the steps after the prompt
+    assert counts.get("attention_fwd", 0) == layers, counts          # the prompt (prefill)
+
+
 def _word_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
 

@@ -25,6 +25,12 @@ def _window(sliding_window: int | None, causal: bool) -> tuple[int, int]:
     return (left, 0) if causal else (left, left)
 
 
+def _inference(*tensors: torch.Tensor | float) -> bool:
+    """No gradient is wanted and no dropout applies: the decode kernel (forward only) may serve."""
+    *tensors, dropout = tensors
+    return not dropout and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def llmfast_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                               attention_mask: torch.Tensor | None, dropout: float = 0.0,
                               scaling: float | None = None, is_causal: bool | None = None,
@@ -40,6 +46,14 @@ def llmfast_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q_len, kv_len = query.shape[2], key.shape[2]
     softcap = float(softcap) if softcap else 0.0
+
+    if attention_mask is None and q_len == 1 and _inference(query, key, value, dropout):
+        # A cached decoding step (no padding): the split-KV decode kernel reads the cache once per KV head, for all
+        # the query heads that share it, with the key length split across programs.
+        out = llmfast.flash_attn_with_kvcache(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                              cache_seqlens=kv_len, softmax_scale=scaling, causal=True,
+                                              window_size=_window(sliding_window, True), softcap=softcap)
+        return out, None
 
     if attention_mask is None:
         causal = bool(is_causal) and q_len > 1
