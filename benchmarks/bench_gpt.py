@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import llmfast
 from llmfast.models.gpt import GPT, GPTConfig
+from llmfast.nn import normalization
 
 from conftest import measure, synchronize, time_peer
 
@@ -61,6 +62,7 @@ def test_gpt_train_step(benchmark, device, monkeypatch):
         with monkeypatch.context() as patch:  # the model calls llmfast.<op> at run time: point those at torch's ops
             patch.setattr(llmfast, "scaled_dot_product_attention", F.scaled_dot_product_attention)
             patch.setattr(llmfast, "fused_linear_cross_entropy", torch_fused_linear_cross_entropy)
+            patch.setattr(normalization.ln_ops, "layer_norm", F.layer_norm)
             train_step()
         synchronize(device)
 

@@ -20,6 +20,7 @@ import llmfast
 from llmfast.models import generation
 from llmfast.models.generation import check_sampling_args, sample_next_token  # noqa: F401  (re-exported)
 from llmfast.nn.attention import KVCache, StaticKVCache
+from llmfast.nn.normalization import LayerNorm
 from llmfast.nn.transformer import Block
 
 
@@ -63,7 +64,7 @@ class GPT(nn.Module):
             Block(config.n_embd, config.n_head, dropout=config.dropout, bias=config.bias)
             for _ in range(config.n_layer)
         )
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying: predicting a token and embedding it share one matrix (fewer parameters, better
         # perplexity for small models).

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from llmfast.nn.attention import CausalSelfAttention, KVCache
+from llmfast.nn.normalization import LayerNorm
 
 
 class MLP(nn.Module):
@@ -26,9 +27,9 @@ class Block(nn.Module):
 
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
+        self.ln_1 = LayerNorm(n_embd, bias=bias)
         self.attn = CausalSelfAttention(n_embd, n_head, dropout=dropout, bias=bias)
-        self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
+        self.ln_2 = LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, dropout=dropout, bias=bias)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
