@@ -381,3 +381,26 @@ def test_bad_input_in_one_process(extra, message, tmp_path):
     code, _, err = run_main(["train", "--data", str(tmp_path / "data"), *TINY, "--steps", "1", *extra,
                              "--out", str(tmp_path / "run")])
     assert code != 0 and err.startswith("llmfast: error: ") and message in err, err
+
+
+def test_compile_flag_traces_the_model_and_trains_the_same(tmp_path, monkeypatch):
+    """--compile hands the (wrapped) model to torch.compile; Dynamo's eager backend keeps this test fast (the
+    inductor build is what the flag costs for real, about a minute here), and the loss curve must not change."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(cli.default_text()[:4000], encoding="utf-8")
+    compiled, real_compile = [], torch.compile
+
+    def eager_compile(model, **kwargs):
+        compiled.append(type(model).__name__)
+        return real_compile(model, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    runs = {}
+    for name, extra in (("plain", []), ("compiled", ["--compile"])):
+        code, _, err = run_main(["train", "--data", str(corpus), *TINY, "--arch", "llama", "--steps", "2",
+                                 "--eval-interval", "2", *extra, "--out", str(tmp_path / name)])
+        assert code == 0, err
+        runs[name] = history(tmp_path / name)
+    assert compiled == ["Llama"]
+    for g, w in zip(runs["compiled"], runs["plain"]):
+        assert g["val_loss"] == pytest.approx(w["val_loss"], rel=1e-5)
