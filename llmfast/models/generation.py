@@ -180,6 +180,7 @@ def generate(model: torch.nn.Module, idx, max_new_tokens: int, *, temperature: f
     model.eval()
     try:
         cache = None
+        next_tokens = None  # the tokens chosen at the previous step (a decoding step feeds them)
         for step in range(max_new_tokens):
             if not use_cache:
                 logits = torch.cat([model(torch.tensor([c[-max_context:]], device=device))[:, -1] for c in contexts])
