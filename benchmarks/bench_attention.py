@@ -173,3 +173,89 @@ def test_attention(benchmark, device, bf16_matmul_tflops, seqlen, head_dim, caus
             best_torch = seconds
     if best_torch is not None:
         info["speedup_vs_torch_best"] = best_torch / ours
+
+
+# ------------------------------------------------------------------------------------------------- softcap
+# Logit soft-capping (Gemma 2: softcap 50, head dim 256) through flash_attn_func, (B, S, H, D). Peers: the reference
+# (materialises the scores), torch.compile of the same math, and torch's flex_attention with a tanh score_mod (on
+# CUDA, compiled: torch's own fused kernel for score modifications). torch's SDPA backends have no soft-capping.
+SOFTCAP = 50.0
+SOFTCAP_SEQLENS = [512, 2048, 8192] if CUDA else [512]
+SOFTCAP_HEAD_DIMS = [128, 256] if CUDA else [64]
+
+
+def _softcap_math(q, k, v, causal):
+    """Soft-capped attention as plain torch ops, (B, S, H, D) layout (what torch.compile fuses)."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    scores = (qt @ kt.transpose(-1, -2)).float() * qt.shape[-1] ** -0.5
+    scores = torch.tanh(scores / SOFTCAP) * SOFTCAP
+    if causal:
+        allowed = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril(
+            scores.shape[-1] - scores.shape[-2])
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return (torch.softmax(scores, dim=-1).to(vt.dtype) @ vt).transpose(1, 2)
+
+
+def softcap_peers(causal: bool, device: torch.device) -> dict[str, callable]:
+    peers = {"reference": lambda q, k, v: reference.flash_attn_func(q, k, v, causal=causal, softcap=SOFTCAP)}
+    if device.type != "cuda":
+        return peers  # torch.compile's CPU backend needs a C++ toolchain; flex_attention's CPU path is eager math
+    compiled = torch.compile(_softcap_math)
+    peers["torch_compile"] = lambda q, k, v: compiled(q, k, v, causal)
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return peers
+    flex = torch.compile(flex_attention)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / SOFTCAP) * SOFTCAP
+
+    def run(q, k, v):
+        block_mask = None
+        if causal:
+            offset = k.shape[1] - q.shape[1]
+            block_mask = create_block_mask(lambda b, h, qi, ki: ki <= qi + offset, None, None, q.shape[1], k.shape[1],
+                                           device=q.device)
+        out = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod,
+                   block_mask=block_mask)
+        return out.transpose(1, 2)
+
+    peers["torch_flex_attention"] = run
+    return peers
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", SOFTCAP_HEAD_DIMS, ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("seqlen", SOFTCAP_SEQLENS, ids=lambda s: f"s{s}")
+def test_attention_softcap(benchmark, device, seqlen, head_dim, causal, mode):
+    batch, heads = shape_for(seqlen, head_dim)
+    q, k, v = (torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=DTYPE,
+                           requires_grad=mode == "fwd_bwd") for _ in range(3))
+    flops = attention_flops(batch, heads, seqlen, seqlen, head_dim, causal, mode)
+    info = benchmark.extra_info
+    info.update(op="attention_softcap", device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                dtype=str(DTYPE).replace("torch.", ""), shape=f"B{batch} S{seqlen} H{heads} D{head_dim}",
+                causal=causal, mode=mode, flops=flops, softcap=SOFTCAP)
+
+    def llmfast_attention(q, k, v):
+        return llmfast.flash_attn_func(q, k, v, causal=causal, softcap=SOFTCAP)
+
+    with llmfast.backend("auto"):
+        step = make_step(llmfast_attention, q, k, v, mode, device)
+        measure(benchmark, step, warmup=2 if CUDA else 1)
+
+    quick = benchmark.disabled or benchmark.stats is None
+    if not quick:
+        ours = benchmark.stats.stats.median
+        info["tflops"] = flops / ours / 1e12
+    if quick and seqlen != SOFTCAP_SEQLENS[0]:
+        return
+    for name, attend in softcap_peers(causal, device).items():
+        if name != "torch_flex_attention" and batch * heads * seqlen * seqlen > MAX_MATERIALISED_SCORES:
+            info[f"{name}_status"] = "skipped: materialises the full score matrix"
+            continue
+        seconds = time_peer(name, attend, q, k, v, mode, device, flops, quick, materialises=False, info=info)
+        if seconds is not None and not quick:
+            info[f"speedup_vs_{name}"] = seconds / ours

@@ -187,7 +187,7 @@ def test_empty_inputs():
 
 def test_custom_op_registration_passes_opcheck():
     q, k, v = (torch.randn(1, 2, 17, 16, requires_grad=True) for _ in range(3))
-    args = (q, k, v, None, None, None, 0, 0, "bhsd", 0.25, -1, 0, False, 0.0, None)
+    args = (q, k, v, None, None, None, 0, 0, "bhsd", 0.25, -1, 0, False, 0.0, None, 0.0, None)
     torch.library.opcheck(torch.ops.llmfast.flash_attention_forward.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 

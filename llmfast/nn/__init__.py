@@ -1,5 +1,6 @@
 """Modules over the public ops: drop-in where torch.nn has an equivalent, with torch's constructor arguments."""
-from llmfast.nn.attention import CausalSelfAttention, KVCache, LayerCache, StaticKVCache
+from llmfast.nn.attention import (CausalSelfAttention, FlashCrossAttention, FlashSelfAttention, KVCache, LayerCache,
+                                  StaticKVCache)
 from llmfast.nn.cross_entropy import (CrossEntropyLoss, FusedLinearCrossEntropyLoss, LigerCrossEntropyLoss,
                                       LigerFusedLinearCrossEntropyLoss)
 from llmfast.nn.normalization import LayerNorm, RMSNorm
@@ -12,6 +13,8 @@ __all__ = [
     "Block",
     "CausalSelfAttention",
     "CrossEntropyLoss",
+    "FlashCrossAttention",
+    "FlashSelfAttention",
     "FusedLinearCrossEntropyLoss",
     "GeGLUMLP",
     "KVCache",

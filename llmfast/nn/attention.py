@@ -1,4 +1,5 @@
-"""Causal multi-head self-attention over llmfast's public attention op, with a key/value cache for generation."""
+"""Causal multi-head self-attention over llmfast's public attention op, with a key/value cache for generation, and
+flash-attn's FlashSelfAttention / FlashCrossAttention modules."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -149,3 +150,83 @@ class CausalSelfAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"n_embd={self.n_embd}, n_head={self.n_head}, dropout={self.dropout}"
+
+
+class _FlashAttentionBase(nn.Module):
+    """Shared constructor of flash-attn's ``FlashSelfAttention`` / ``FlashCrossAttention`` (same arguments, same
+    order, same defaults; ``softcap`` is an llmfast extension, keyword-only)."""
+
+    def __init__(self, causal: bool = False, softmax_scale: float | None = None, attention_dropout: float = 0.0,
+                 window_size: tuple[int, int] | list[int] = (-1, -1), alibi_slopes: torch.Tensor | None = None,
+                 deterministic: bool = False, *, softcap: float = 0.0) -> None:
+        super().__init__()
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        self.causal = causal
+        self.softmax_scale = softmax_scale
+        self.drop = nn.Dropout(attention_dropout)
+        # A buffer, as in flash-attn: it follows the module across .to(device) and is not saved in the state dict.
+        self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
+        self.window_size = tuple(window_size) if isinstance(window_size, (tuple, list)) else window_size
+        self.deterministic = deterministic
+        self.softcap = softcap
+
+    def _options(self, causal: bool | None) -> dict:
+        if causal is not None and not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool or None, got {type(causal).__name__}")
+        slopes = self.alibi_slopes
+        if slopes is not None and slopes.dtype != torch.float32:
+            slopes = slopes.float()  # flash-attn's modules cast the slopes too
+        return dict(dropout_p=self.drop.p if self.training else 0.0, softmax_scale=self.softmax_scale,
+                    causal=self.causal if causal is None else causal, window_size=self.window_size,
+                    softcap=self.softcap, alibi_slopes=slopes, deterministic=self.deterministic)
+
+    def extra_repr(self) -> str:
+        return (f"causal={self.causal}, softmax_scale={self.softmax_scale}, attention_dropout={self.drop.p}, "
+                f"window_size={self.window_size}")
+
+
+class FlashSelfAttention(_FlashAttentionBase):
+    """flash-attn's ``FlashSelfAttention``: softmax attention over packed ``qkv``, through llmfast's kernels.
+
+    ``attention_dropout`` applies in training mode only; ``alibi_slopes`` ((H,) or (B, H)) is kept as a
+    non-persistent buffer.
+    """
+
+    def forward(self, qkv: torch.Tensor, causal: bool | None = None, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | None = None) -> torch.Tensor:
+        """``qkv`` (B, S, 3, H, D), or (total, 3, H, D) with ``cu_seqlens`` (B + 1,) int32 and ``max_seqlen``.
+        ``causal`` overrides the constructor's when given. Returns (B, S, H, D) or (total, H, D)."""
+        options = self._options(causal)
+        if cu_seqlens is None:
+            if max_seqlen is not None:
+                raise ValueError("max_seqlen is only used with cu_seqlens (a varlen batch); got cu_seqlens=None")
+            return llmfast.flash_attn_qkvpacked_func(qkv, **options)
+        if max_seqlen is None:
+            raise ValueError("max_seqlen (the longest sequence in cu_seqlens) is required with cu_seqlens")
+        return llmfast.flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, **options)
+
+
+class FlashCrossAttention(_FlashAttentionBase):
+    """flash-attn's ``FlashCrossAttention``: queries ``q`` attend over packed keys/values ``kv``, through
+    llmfast's kernels (GQA/MQA when kv has fewer heads)."""
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, causal: bool | None = None,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                cu_seqlens_k: torch.Tensor | None = None, max_seqlen_k: int | None = None) -> torch.Tensor:
+        """``q`` (B, Sq, H, D) and ``kv`` (B, Sk, 2, Hk, D); or varlen ``q`` (total_q, H, D), ``kv`` (total_k, 2, Hk,
+        D) with ``cu_seqlens`` / ``max_seqlen`` for the queries and ``cu_seqlens_k`` / ``max_seqlen_k`` for the
+        keys. ``causal`` overrides the constructor's when given."""
+        options = self._options(causal)
+        varlen_args = {"max_seqlen": max_seqlen, "cu_seqlens_k": cu_seqlens_k, "max_seqlen_k": max_seqlen_k}
+        if cu_seqlens is None:
+            given = [name for name, value in varlen_args.items() if value is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply with cu_seqlens (a varlen batch); got "
+                                 f"cu_seqlens=None")
+            return llmfast.flash_attn_kvpacked_func(q, kv, **options)
+        missing = [name for name, value in varlen_args.items() if value is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} required with cu_seqlens (a varlen batch)")
+        return llmfast.flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k,
+                                                       **options)

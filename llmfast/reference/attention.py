@@ -17,6 +17,11 @@ Conventions shared with the kernels in :mod:`llmfast.ops.attention`:
   flash-attn (``j <= i + Sk - Sq``), so the last query always sees the last key.
 * Sliding window ``(left, right)``, ``-1`` meaning unbounded: key ``j`` allowed for query ``i`` iff
   ``i + Sk - Sq - left <= j <= i + Sk - Sq + right``. ``causal=True`` sets ``right = 0``.
+* Soft-capping (flash-attn's ``softcap > 0``, Gemma 2): the scaled scores become ``softcap * tanh(s / softcap)``
+  before any mask or bias is applied.
+* ALiBi (``alibi_slopes``, (H,) or (B, H)): ``-slope * |i + Sk - Sq - j|`` is added to the (soft-capped) scores,
+  with flash-attn's bottom-right alignment, per sequence for varlen batches. (flash-attn's CUDA kernel adds
+  ``slope * j`` instead when ``causal=True``: the same probabilities, an LSE shifted by ``slope * (i + Sk - Sq)``.)
 * LSE: natural-log ``logsumexp`` over keys of the scaled, masked scores, shape ``(B, H, Sq)``, float32 for
   float16/bfloat16/float32 inputs and float64 for float64.
 * Fully masked rows (no key allowed): output 0, LSE ``-inf``, and zero gradient, never NaN. (Recent torch's math
@@ -48,6 +53,11 @@ __all__ = [
     "sdpa_mask",
     "flash_mask",
     "varlen_dense_mask",
+    "alibi_bias",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_varlen_kvpacked_func",
     "draw_dropout_seed",
     "philox_uniform",
     "dropout_keep_mask",
@@ -138,6 +148,16 @@ def varlen_dense_mask(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, ca
     return allowed
 
 
+def alibi_bias(alibi_slopes: torch.Tensor, seqlen_q: int, seqlen_k: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """ALiBi's additive bias ``-slope * |i + Sk - Sq - j|``: ``(B, H, Sq, Sk)`` for (B, H) slopes, ``(H, Sq, Sk)``
+    for (H,) slopes (broadcasting over the batch)."""
+    i = torch.arange(seqlen_q, device=alibi_slopes.device).unsqueeze(1)
+    j = torch.arange(seqlen_k, device=alibi_slopes.device).unsqueeze(0)
+    distance = (i + seqlen_k - seqlen_q - j).abs().to(dtype)
+    return -alibi_slopes.to(dtype)[..., None, None] * distance
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Dropout: Triton's Philox-4x32-10 stream, recomputed in PyTorch
 # --------------------------------------------------------------------------------------------------------------
@@ -214,8 +234,9 @@ def _expand_kv_heads(x: torch.Tensor, query_heads: int, name: str) -> torch.Tens
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
               mask: torch.Tensor | None = None, dropout_p: float = 0.0, dropout_keep: torch.Tensor | None = None,
-              return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q k^T * scale + mask) v in ``(..., H, S, D)`` layout, with the LSE on request.
+              return_lse: bool = False, softcap: float = 0.0,
+              bias: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """softmax(cap(q k^T * scale) + mask + bias) v in ``(..., H, S, D)`` layout, with the LSE on request.
 
     Args:
         q: ``(..., Hq, Sq, D)``; ``k``: ``(..., Hkv, Sk, D)``; ``v``: ``(..., Hkv, Sk, Dv)`` with ``Hkv | Hq``.
@@ -225,6 +246,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         dropout_keep: boolean mask of kept probabilities broadcastable to ``(..., Hq, Sq, Sk)``; kept entries
             are scaled by ``1 / (1 - dropout_p)``. ``None`` means no dropout (this function draws nothing).
         return_lse: also return the ``(..., Hq, Sq)`` log-sum-exp of the masked scaled scores.
+        softcap: if > 0, the scaled scores become ``softcap * tanh(scores / softcap)`` before masking.
+        bias: additive bias broadcastable to ``(..., Hq, Sq, Sk)`` (ALiBi), added after soft-capping.
 
     Computation happens in the inputs' dtype (torch's softmax accumulates float16/bfloat16 in float32 and rounds
     its result), the LSE in float32 (float64 for float64). Rows with no allowed key give output 0, LSE ``-inf``
@@ -239,6 +262,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     # torch.softmax on float16/bfloat16 accumulates in float32 but returns, and saves for the backward, rounded
     # probabilities. Its error is the yardstick the kernel tests measure the kernels against.
     scores = (q @ k.transpose(-2, -1)) * scale
+    if softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
@@ -272,13 +299,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale: float | None = None,
-                                 enable_gqa: bool = False, *,
+                                 enable_gqa: bool = False, *, softcap: float = 0.0,
                                  dropout_keep: torch.Tensor | None = None) -> torch.Tensor:
     """Reference for torch's ``scaled_dot_product_attention``, ``(..., H, S, D)`` layout, top-left causal.
 
     ``attn_mask`` and ``is_causal`` together mean both apply (as torch's math path does). With
     ``dropout_p > 0`` the keep mask is drawn as the kernels draw it (see the module docstring) unless
-    ``dropout_keep`` is given. Fully masked rows give 0.
+    ``dropout_keep`` is given. Fully masked rows give 0. ``softcap > 0`` soft-caps the scaled scores first.
     """
     if query.shape[-3] != key.shape[-3] and not enable_gqa:
         raise ValueError(f"query has {query.shape[-3]} heads and key {key.shape[-3]}: pass enable_gqa=True "
@@ -292,18 +319,22 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         batch, heads, seqlen_q, _ = query.shape
         dropout_keep = dropout_keep_mask(draw_dropout_seed(), dropout_p, batch, heads, seqlen_q, key.shape[-2],
                                          query.device)
-    return attention(query, key, value, scale=scale, mask=mask, dropout_p=dropout_p, dropout_keep=dropout_keep)
+    return attention(query, key, value, scale=scale, mask=mask, dropout_p=dropout_p, dropout_keep=dropout_keep,
+                     softcap=softcap)
 
 
 def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
                     softmax_scale: float | None = None, causal: bool = False,
-                    window_size: tuple[int, int] = (-1, -1), return_attn_probs: bool = False, *,
-                    dropout_keep: torch.Tensor | None = None):
-    """Reference for flash-attn's ``flash_attn_func``: ``(B, S, H, D)`` layout, bottom-right causal, windows.
+                    window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                    alibi_slopes: torch.Tensor | None = None, deterministic: bool = False,
+                    return_attn_probs: bool = False, *, dropout_keep: torch.Tensor | None = None):
+    """Reference for flash-attn's ``flash_attn_func``: ``(B, S, H, D)`` layout, bottom-right causal, windows,
+    soft-capping and ALiBi (``deterministic`` changes nothing here).
 
-    Returns the output ``(B, Sq, Hq, Dv)``; with ``return_attn_probs`` the tuple ``(out, softmax_lse, probs)``
-    where ``softmax_lse`` is ``(B, Hq, Sq)`` float32 (float64 for float64 inputs) and ``probs`` the
-    ``(B, Hq, Sq, Sk)`` softmax before dropout.
+    Returns the output ``(B, Sq, Hq, Dv)``; with ``return_attn_probs`` the tuple ``(out, softmax_lse, S_dmask)``
+    where ``softmax_lse`` is ``(B, Hq, Sq)`` float32 (float64 for float64 inputs) and ``S_dmask`` the
+    ``(B, Hq, Sq, Sk)`` softmax before dropout, in the inputs' dtype, negated where dropout dropped the entry
+    (flash-attn's encoding: negative means dropped).
     """
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
@@ -311,26 +342,34 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     batch, heads, seqlen_q, _ = qh.shape
     seqlen_k = kh.shape[-2]
     mask = flash_mask(seqlen_q, seqlen_k, causal, window_size, q.device)
+    bias = None if alibi_slopes is None else alibi_bias(
+        alibi_slopes, seqlen_q, seqlen_k, torch.float64 if q.dtype == torch.float64 else torch.float32)
     if dropout_p > 0.0 and dropout_keep is None:
         dropout_keep = dropout_keep_mask(draw_dropout_seed(), dropout_p, batch, heads, seqlen_q, seqlen_k, q.device)
     out, lse = attention(qh, kh, vh, scale=softmax_scale, mask=mask, dropout_p=dropout_p,
-                         dropout_keep=dropout_keep, return_lse=True)
+                         dropout_keep=dropout_keep, return_lse=True, softcap=softcap, bias=bias)
     out = out.transpose(1, 2)
     if not return_attn_probs:
         return out
     lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-    probs = torch.exp(_scores(qh, kh, softmax_scale, mask, lse.dtype) - lse.unsqueeze(-1))
+    probs = torch.exp(_scores(qh, kh, softmax_scale, mask, lse.dtype, softcap, bias) - lse.unsqueeze(-1))
     probs = torch.where(torch.isfinite(lse).unsqueeze(-1), probs, torch.zeros_like(probs))
-    return out, lse, probs
+    if dropout_keep is not None:
+        probs = torch.where(dropout_keep, probs, -probs)
+    return out, lse, probs.to(q.dtype)
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, scale: float | None, mask: torch.Tensor | None,
-            dtype: torch.dtype) -> torch.Tensor:
-    """Masked scaled scores in ``dtype`` (for the probabilities returned next to the LSE)."""
+            dtype: torch.dtype, softcap: float = 0.0, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Masked scaled (soft-capped, biased) scores in ``dtype`` (for the probabilities returned next to the LSE)."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     k = _expand_kv_heads(k, q.shape[-3], "key")
     scores = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale
+    if softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
+    if bias is not None:
+        scores = scores + bias.to(dtype)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return scores
@@ -339,11 +378,14 @@ def _scores(q: torch.Tensor, k: torch.Tensor, scale: float | None, mask: torch.T
 def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                            cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
                            dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
-                           window_size: tuple[int, int] = (-1, -1), *,
-                           dropout_keep: torch.Tensor | None = None) -> torch.Tensor:
+                           window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                           alibi_slopes: torch.Tensor | None = None, deterministic: bool = False,
+                           return_attn_probs: bool = False, *, dropout_keep: torch.Tensor | None = None):
     """Reference for flash-attn's ``flash_attn_varlen_func``: packed ``(total, H, D)`` tokens, one
     :func:`flash_attn_func` call per sequence. ``dropout_keep``, if given, is ``(batch, Hq, max_seqlen_q,
-    max_seqlen_k)`` and sequence ``b`` uses its top-left ``(sq_b, sk_b)`` corner."""
+    max_seqlen_k)`` and sequence ``b`` uses its top-left ``(sq_b, sk_b)`` corner. With ``return_attn_probs``
+    returns ``(out, softmax_lse, S_dmask)``: the LSE ``(Hq, total_q)`` and S_dmask ``(batch, Hq, max_seqlen_q,
+    max_seqlen_k)`` with sequence ``b`` in its top-left corner and zeros elsewhere."""
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     cq = [int(x) for x in cu_seqlens_q.tolist()]
@@ -355,12 +397,74 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         dropout_keep = dropout_keep_mask(draw_dropout_seed(), dropout_p, batch, q.shape[1], max_seqlen_q,
                                          max_seqlen_k, q.device)
     out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype, device=q.device)
+    probs = torch.zeros(batch, q.shape[1], max_seqlen_q, max_seqlen_k, dtype=q.dtype, device=q.device)
     pieces = []
     for b in range(batch):
         sq, sk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
         keep = None if dropout_keep is None else dropout_keep[b:b + 1, :, :sq, :sk]
-        pieces.append(flash_attn_func(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
-                                      dropout_p, softmax_scale, causal, window_size, dropout_keep=keep)[0])
-    if not pieces:
-        return out
-    return torch.cat(pieces + [out[cq[-1]:]], dim=0)
+        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b:b + 1]
+        piece, piece_lse, piece_probs = flash_attn_func(
+            q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]], dropout_p, softmax_scale,
+            causal, window_size, softcap, slopes, deterministic, True, dropout_keep=keep)
+        pieces.append(piece[0])
+        lse = torch.cat([lse[:, :cq[b]], piece_lse[0], lse[:, cq[b + 1]:]], dim=1)
+        probs = _put_corner(probs, b, piece_probs[0])
+    result = torch.cat(pieces + [out[cq[-1]:]], dim=0) if pieces else out
+    return (result, lse, probs) if return_attn_probs else result
+
+
+def _put_corner(full: torch.Tensor, b: int, piece: torch.Tensor) -> torch.Tensor:
+    """``full`` with ``piece`` (H, sq, sk) written at ``full[b, :, :sq, :sk]`` (out of place, autograd-safe)."""
+    padded = torch.nn.functional.pad(piece, (0, full.shape[-1] - piece.shape[-1], 0, full.shape[-2] - piece.shape[-2]))
+    return torch.cat([full[:b], padded[None], full[b + 1:]], dim=0)
+
+
+def flash_attn_qkvpacked_func(qkv: torch.Tensor, dropout_p: float = 0.0, softmax_scale: float | None = None,
+                              causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                              alibi_slopes: torch.Tensor | None = None, deterministic: bool = False,
+                              return_attn_probs: bool = False, *, dropout_keep: torch.Tensor | None = None):
+    """Reference for flash-attn's ``flash_attn_qkvpacked_func``: ``qkv`` (B, S, 3, H, D)."""
+    q, k, v = qkv.unbind(dim=2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, dropout_keep=dropout_keep)
+
+
+def flash_attn_kvpacked_func(q: torch.Tensor, kv: torch.Tensor, dropout_p: float = 0.0,
+                             softmax_scale: float | None = None, causal: bool = False,
+                             window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                             alibi_slopes: torch.Tensor | None = None, deterministic: bool = False,
+                             return_attn_probs: bool = False, *, dropout_keep: torch.Tensor | None = None):
+    """Reference for flash-attn's ``flash_attn_kvpacked_func``: ``q`` (B, Sq, Hq, D), ``kv`` (B, Sk, 2, Hkv, D)."""
+    k, v = kv.unbind(dim=2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, dropout_keep=dropout_keep)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                                     dropout_p: float = 0.0, softmax_scale: float | None = None,
+                                     causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+                                     softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+                                     deterministic: bool = False, return_attn_probs: bool = False, *,
+                                     dropout_keep: torch.Tensor | None = None):
+    """Reference for flash-attn's ``flash_attn_varlen_qkvpacked_func``: ``qkv`` (total, 3, H, D)."""
+    q, k, v = qkv.unbind(dim=1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
+                                  causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                                  dropout_keep=dropout_keep)
+
+
+def flash_attn_varlen_kvpacked_func(q: torch.Tensor, kv: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                                    dropout_p: float = 0.0, softmax_scale: float | None = None,
+                                    causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+                                    softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+                                    deterministic: bool = False, return_attn_probs: bool = False, *,
+                                    dropout_keep: torch.Tensor | None = None):
+    """Reference for flash-attn's ``flash_attn_varlen_kvpacked_func``: ``q`` (total_q, Hq, D), ``kv``
+    (total_k, 2, Hkv, D)."""
+    k, v = kv.unbind(dim=1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs, dropout_keep=dropout_keep)

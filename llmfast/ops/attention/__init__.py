@@ -22,6 +22,10 @@ backward kernels, tighter on registers, run one loop with a runtime branch for e
 the query blocks with the most keys are launched first. Rows with no allowed key produce output 0, LSE ``-inf``
 and gradient 0.
 
+Two optional score modifications (constexpr flags, compiled out when off) act before any mask: logit soft-capping
+(``SOFTCAP``: ``s = softcap * tanh(scale * qk / softcap)``; the backward multiplies dS by ``1 - tanh^2``) and ALiBi
+(``ALIBI``: ``-slope * |i + Sk - Sq - j|`` per (batch, query head) slope).
+
 Tiles, warps and pipeline stages are named configs per architecture (``ATTENTION_CONFIGS``), picked at launch by
 :func:`llmfast.ops._arch.config_arch`, head dim, dtype and features, and all compiled by
 ``python -m llmfast.compile_check`` (through :func:`compile_specs`).
@@ -40,23 +44,27 @@ Files (one concern each):
 * ``forward.py``: the forward kernel.
 * ``backward.py``: the backward kernels (preprocess, dK/dV, dQ).
 * ``launch.py``: host-side launchers (layouts, strides, grids) and :func:`dropout_keep_mask`.
+* ``probs.py``: the kernel that materialises flash-attn's ``S_dmask`` (``return_attn_probs=True``).
 * ``custom_ops.py``: the ``torch.library`` custom ops and their autograd.
 * ``checks.py``: argument validation; ``torch_paths.py``: the torch-native fallbacks.
 * ``api.py``: the public functions; ``specs.py``: :func:`compile_specs` for ``llmfast.compile_check``.
 """
 from __future__ import annotations
 
-from .api import flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
+from .api import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func, flash_attn_varlen_func,
+                  flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func, scaled_dot_product_attention)
 from .common import _dropout_keep, _dropout_offsets  # noqa: F401  (kernel tests use these)
 from .configs import ATTENTION_CONFIGS, MAX_HEAD_DIM, _block_d, _config, _config_name  # noqa: F401
 from .launch import _Problem, dropout_keep_mask  # noqa: F401
 from .specs import compile_specs
 
 # The public functions are documented (and reported by ``__module__``) as living here, not in ``api``.
-for _fn in (scaled_dot_product_attention, flash_attn_func, flash_attn_varlen_func, dropout_keep_mask,
-            compile_specs):
+for _fn in (scaled_dot_product_attention, flash_attn_func, flash_attn_varlen_func, flash_attn_qkvpacked_func,
+            flash_attn_kvpacked_func, flash_attn_varlen_qkvpacked_func, flash_attn_varlen_kvpacked_func,
+            dropout_keep_mask, compile_specs):
     _fn.__module__ = __name__
 del _fn
 
-__all__ = ["scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func", "dropout_keep_mask",
-           "compile_specs", "ATTENTION_CONFIGS", "MAX_HEAD_DIM"]
+__all__ = ["scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_qkvpacked_func",
+           "flash_attn_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func",
+           "dropout_keep_mask", "compile_specs", "ATTENTION_CONFIGS", "MAX_HEAD_DIM"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (_band, _cast, _dot, _dropout_keep, _dropout_offsets, _key_range, _load_rows,
-                     _query_range, _scores, _seq_bounds)
+from .common import (_alibi_slope2, _band, _cast, _dot, _dropout_keep, _dropout_offsets, _key_range,
+                     _load_rows, _query_range, _scores, _seq_bounds, _softcap)
 
 
 @triton.jit
@@ -45,14 +45,15 @@ def _attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _bwd_scores(qk, qk_scale, mask_base, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k, diag, window_left,
-                window_right, band_edge, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_LEFT: tl.constexpr,
-                HAS_RIGHT: tl.constexpr):
+                window_right, band_edge, alibi2, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ALIBI: tl.constexpr, ALIBI_INT: tl.constexpr):
     """_scores() for the backward loops, which see the tile either way round (``rows``/``cols``: broadcastable query
     and key indices). The band applies only where ``band_edge`` (a runtime flag: one loop body for edge and interior
     blocks keeps the register pressure down). Also returns which elements lie inside the (Sq, Sk) problem."""
     in_bounds = (rows < seqlen_q) & (cols < seqlen_k)
     s = _scores(qk, qk_scale, mask_base + rows * stride_mm + cols * stride_mn, in_bounds, rows, cols, seqlen_k, diag,
-                window_left, window_right, HAS_MASK, MASK_IS_BOOL, False, HAS_LEFT, HAS_RIGHT)
+                window_left, window_right, alibi2, HAS_MASK, MASK_IS_BOOL, False, HAS_LEFT, HAS_RIGHT, ALIBI,
+                ALIBI_INT)
     if band_edge:
         s = _band(s, rows, cols, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
     return s, in_bounds
@@ -62,12 +63,12 @@ def _bwd_scores(qk, qk_scale, mask_base, stride_mm, stride_mn, rows, cols, seqle
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
                          stride_qm, stride_dom, stride_mm, stride_mn, offs_n, seqlen_q, seqlen_k, diag,
                          window_left, window_right, qk_scale, seed, dropout_p, drop_base, Sk,
-                         lo, full_lo, full_hi, hi,
+                         lo, full_lo, full_hi, hi, softcap_in, alibi2,
                          HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
                          BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr,
                          MASK_IS_BOOL: tl.constexpr, DROPOUT: tl.constexpr, WIDE_DROPOUT: tl.constexpr,
-                         FP32_IEEE: tl.constexpr):
+                         FP32_IEEE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     # Works on the transposed problem (keys x queries) so dK and dV accumulate with plain row-major dots.
     # One loop over the query blocks in [lo, hi); only those outside [full_lo, full_hi) take the band mask (a
     # runtime branch: a single loop body keeps the register pressure of the backward pass down).
@@ -83,10 +84,12 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, ma
         delta = tl.load(delta_base + offs_m, mask=offs_m < seqlen_q, other=0.0)
         # Rows with no allowed key stored LSE = -inf, rows past the end read +inf: either way P comes out 0.
         lse2 = tl.where(lse == -float("inf"), float("inf"), lse * 1.4426950408889634)
-        qk_t = _dot(k, tl.trans(q), None, FP32_IEEE)
+        # Under soft-capping qk_t holds t = tanh(scale * qk / softcap), kept for the chain rule below.
+        qk_t = _softcap(_dot(k, tl.trans(q), None, FP32_IEEE), softcap_in, SOFTCAP)
         s_t, _ = _bwd_scores(qk_t, qk_scale, mask_base, stride_mm, stride_mn, offs_m[None, :], offs_n[:, None],
                              seqlen_q, seqlen_k, diag, window_left, window_right,
-                             (start_m < full_lo) | (start_m >= full_hi), HAS_MASK, MASK_IS_BOOL, HAS_LEFT, HAS_RIGHT)
+                             (start_m < full_lo) | (start_m >= full_hi), alibi2, HAS_MASK, MASK_IS_BOOL, HAS_LEFT,
+                             HAS_RIGHT, ALIBI, True)
         p_t = tl.math.exp2(s_t - lse2[None, :])
         dp_t = _dot(v, tl.trans(do), None, FP32_IEEE)
         if DROPOUT:
@@ -100,21 +103,25 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, ma
             p_drop_t = p_t
         dv = _dot(_cast(p_drop_t, do.dtype), do, dv, FP32_IEEE)
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - qk_t * qk_t)  # d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2
         dk = _dot(_cast(ds_t, q.dtype), q, dk, FP32_IEEE)
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DK, DV, Mask, CuSeqQ, CuSeqK,
+    Q, K, V, DOut, Lse, Delta, DK, DV, Mask, CuSeqQ, CuSeqK, Alibi,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     stride_lb, stride_lh, stride_mb, stride_mh, stride_mm, stride_mn,
     num_heads, num_kv_heads, group_size, Sq, Sk, qk_scale, sm_scale, window_left, window_right, dropout_p, seed,
+    softcap_in, stride_ab,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-    DROPOUT: tl.constexpr, WIDE_DROPOUT: tl.constexpr, FP32_IEEE: tl.constexpr,
+    DROPOUT: tl.constexpr, WIDE_DROPOUT: tl.constexpr, FP32_IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -156,11 +163,13 @@ def _attn_bwd_dkdv_kernel(
         delta_base = Delta + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_row0
         mask_base = Mask + b64 * stride_mb + h.to(tl.int64) * stride_mh
         drop_base = (b64 * num_heads + h) * Sq
+        alibi2 = _alibi_slope2(Alibi, b, h, stride_ab, ALIBI)
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, stride_qm, stride_dom,
             stride_mm, stride_mn, offs_n, seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, seed,
-            dropout_p, drop_base, Sk, lo, full_lo, full_hi, hi, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M,
-            HAS_LEFT, HAS_RIGHT, HAS_MASK, MASK_IS_BOOL, DROPOUT, WIDE_DROPOUT, FP32_IEEE)
+            dropout_p, drop_base, Sk, lo, full_lo, full_hi, hi, softcap_in, alibi2, HEAD_D, BLOCK_D, HEAD_DV,
+            BLOCK_DV, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_MASK, MASK_IS_BOOL, DROPOUT, WIDE_DROPOUT, FP32_IEEE,
+            SOFTCAP, ALIBI)
 
     dk = dk * sm_scale
     row_ok = offs_n[:, None] < seqlen_k
@@ -175,12 +184,12 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_base, stride_kn, stride_vn,
                        stride_mm, stride_mn, offs_m, seqlen_q, seqlen_k, diag, window_left, window_right,
-                       qk_scale, seed, dropout_p, drop_rows, Sk, lo, full_lo, full_hi, hi,
+                       qk_scale, seed, dropout_p, drop_rows, Sk, lo, full_lo, full_hi, hi, softcap_in, alibi2,
                        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
                        BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr,
                        HAS_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
                        DROPOUT: tl.constexpr, WIDE_DROPOUT: tl.constexpr, FP32_IEEE: tl.constexpr,
-                       STORE_DS: tl.constexpr):
+                       STORE_DS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     # One loop with a runtime branch for the edge blocks, as in _attn_bwd_dkdv_inner.
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -190,12 +199,14 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_bas
                        HEAD_D, BLOCK_D, True)
         v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, seqlen_k, offs_dv,
                        HEAD_DV, BLOCK_DV, True)
-        qk = _dot(q, tl.trans(k), None, FP32_IEEE)
+        qk = _softcap(_dot(q, tl.trans(k), None, FP32_IEEE), softcap_in, SOFTCAP)
         s, in_bounds = _bwd_scores(qk, qk_scale, mask_base, stride_mm, stride_mn, offs_m[:, None], offs_n[None, :],
                                    seqlen_q, seqlen_k, diag, window_left, window_right,
-                                   (start_n < full_lo) | (start_n >= full_hi), HAS_MASK, MASK_IS_BOOL, HAS_LEFT,
-                                   HAS_RIGHT)
+                                   (start_n < full_lo) | (start_n >= full_hi), alibi2, HAS_MASK, MASK_IS_BOOL,
+                                   HAS_LEFT, HAS_RIGHT, ALIBI, False)
         p = tl.math.exp2(s - lse2[:, None])
+        if SOFTCAP and not STORE_DS:
+            p = p * (1.0 - qk * qk)  # tanh' folded in early: t dies before the dP dot (registers)
         dp = _dot(do, tl.trans(v), None, FP32_IEEE)
         if DROPOUT:
             keep = _dropout_keep(seed, _dropout_offsets(drop_rows, offs_n, WIDE_DROPOUT), dropout_p)
@@ -204,22 +215,25 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_bas
         if STORE_DS:
             # dS is also the gradient of an additive attn_mask: written only when the mask needs it.
             tl.store(ds_base + offs_m[:, None].to(tl.int64) * Sk + offs_n[None, :], ds, mask=in_bounds)
+        if SOFTCAP and STORE_DS:
+            ds = ds * (1.0 - qk * qk)  # the mask's gradient above is taken after the cap, without tanh'
         dq = _dot(_cast(ds, k.dtype), k, dq, FP32_IEEE)
     return dq
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DOut, Lse, Delta, DQ, DS, Mask, CuSeqQ, CuSeqK,
+    Q, K, V, DOut, Lse, Delta, DQ, DS, Mask, CuSeqQ, CuSeqK, Alibi,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
     stride_lb, stride_lh, stride_mb, stride_mh, stride_mm, stride_mn,
-    num_heads, group_size, Sq, Sk, qk_scale, sm_scale, window_left, window_right, dropout_p, seed,
+    num_heads, group_size, Sq, Sk, qk_scale, sm_scale, window_left, window_right, dropout_p, seed, softcap_in,
+    stride_ab,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     DROPOUT: tl.constexpr, WIDE_DROPOUT: tl.constexpr, FP32_IEEE: tl.constexpr, REVERSE_M: tl.constexpr,
-    STORE_DS: tl.constexpr,
+    STORE_DS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     if REVERSE_M:
@@ -259,6 +273,7 @@ def _attn_bwd_dq_kernel(
     v_base = V + b64 * stride_vb + kv_h.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
     mask_base = Mask + b64 * stride_mb + h64 * stride_mh
     ds_base = DS + (b64 * num_heads + h64) * Sq * Sk
+    alibi2 = _alibi_slope2(Alibi, b, h, stride_ab, ALIBI)
     drop_rows = ((b64 * num_heads + h) * Sq + offs_m.to(tl.int64)) * Sk
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
@@ -268,8 +283,8 @@ def _attn_bwd_dq_kernel(
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_base, stride_kn, stride_vn, stride_mm, stride_mn,
         offs_m, seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, seed, dropout_p, drop_rows, Sk,
-        lo, full_lo, full_hi, hi, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_MASK,
-        MASK_IS_BOOL, DROPOUT, WIDE_DROPOUT, FP32_IEEE, STORE_DS)
+        lo, full_lo, full_hi, hi, softcap_in, alibi2, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, HAS_LEFT,
+        HAS_RIGHT, HAS_MASK, MASK_IS_BOOL, DROPOUT, WIDE_DROPOUT, FP32_IEEE, STORE_DS, SOFTCAP, ALIBI)
 
     dq = dq * sm_scale
     dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh + q_row0 * stride_dqm

@@ -115,3 +115,26 @@ def _check_max_seqlen(name: str, value: object, longest: int, cu_name: str) -> i
     if value < max(longest, 0):
         raise ValueError(f"{name} must be >= the longest sequence in {cu_name} ({longest}), got {value}")
     return value
+
+
+def _check_softcap(softcap: object) -> float:
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a float (0.0: no soft-capping), got {type(softcap).__name__}")
+    if not math.isfinite(float(softcap)) or float(softcap) < 0:
+        raise ValueError(f"softcap must be a finite float >= 0 (0.0: no soft-capping), got {softcap}")
+    return float(softcap)
+
+
+def _check_alibi(alibi_slopes: object, batch: int, heads: int, query: torch.Tensor) -> torch.Tensor | None:
+    """ALiBi slopes: None, or a float32 tensor of shape (heads,) or (batch, heads) on the query's device."""
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must have dtype float32, got {str(alibi_slopes.dtype).replace('torch.', '')}")
+    if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}) (query heads, or batch and "
+                         f"query heads), got {tuple(alibi_slopes.shape)}")
+    _validation.check_same_device(q=query, alibi_slopes=alibi_slopes)
+    return alibi_slopes.contiguous()

@@ -139,12 +139,55 @@ def _query_range(n_start, last_n, seqlen_q, diag, window_left, window_right, BLO
 
 
 @triton.jit
-def _scores(qk, qk_scale, mask_ptrs, mask_ok, rows, cols, seqlen_k, diag, window_left, window_right,
+def _tanh(x):
+    """tanh in fp32 to a few ulps on every backend (libdevice is not available in the interpreter).
+
+    ``1 - 2 / (exp(2x) + 1)`` saturates cleanly (exp2 overflowing to inf gives 1, underflowing to 0 gives -1) but
+    loses relative accuracy near 0 to cancellation, so small arguments take the Taylor series instead (at
+    |x| < 0.25 its first omitted term is below 1e-8 relative)."""
+    e = tl.math.exp2(x * 2.8853900817779268)  # exp(2x)
+    big = 1.0 - 2.0 / (e + 1.0)
+    x2 = x * x
+    small = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (-0.05396825396825397
+                                                                                    + x2 * 0.021869488536155203))))
+    return tl.where(tl.abs(x) < 0.25, small, big)
+
+
+@triton.jit
+def _alibi_slope2(Alibi, b, h, stride_ab, ALIBI: tl.constexpr):
+    """ALiBi slope of (batch b, query head h) times log2(e) (scores are in base 2); 0 without ALiBi. The slopes
+    are (B, H) float32 with ``stride_ab`` 0 for a shared (H,) vector."""
+    if ALIBI:
+        slope = tl.load(Alibi + b.to(tl.int64) * stride_ab + h) * 1.4426950408889634
+    else:
+        slope = 0.0
+    return slope
+
+
+@triton.jit
+def _softcap(qk, softcap_in, SOFTCAP: tl.constexpr):
+    """``tanh(qk * scale / softcap)`` under logit soft-capping (the caller's score scale is then softcap * log2(e)
+    instead of scale * log2(e)); ``qk`` unchanged otherwise."""
+    if SOFTCAP:
+        qk = _tanh(qk * softcap_in)
+    return qk
+
+
+@triton.jit
+def _scores(qk, qk_scale, mask_ptrs, mask_ok, rows, cols, seqlen_k, diag, window_left, window_right, alibi2,
             HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, EDGE: tl.constexpr, HAS_LEFT: tl.constexpr,
-            HAS_RIGHT: tl.constexpr):
+            HAS_RIGHT: tl.constexpr, ALIBI: tl.constexpr, ALIBI_INT: tl.constexpr = False):
     """Scaled scores in base 2 with every disallowed element at -inf. ``rows``/``cols`` are broadcastable index
-    tensors shaped like ``qk`` (query index, key index), so the same code serves S and its transpose."""
+    tensors shaped like ``qk`` (query index, key index), so the same code serves S and its transpose. ALiBi adds
+    ``-slope * |i + diag - j|`` (``alibi2``: the slope times log2(e); flash-attn's bottom-right ``diag``). The
+    distance is formed in float (the index vectors convert once) or, with ``ALIBI_INT``, in int32: both exact, and
+    which one ptxas allocates without spills differs per kernel (the compile check decides)."""
     s = qk * qk_scale
+    if ALIBI:
+        if ALIBI_INT:
+            s -= alibi2 * tl.abs(rows + diag - cols).to(tl.float32)
+        else:
+            s -= alibi2 * tl.abs((rows + diag).to(tl.float32) - cols.to(tl.float32))
     if HAS_MASK:
         if MASK_IS_BOOL:
             allowed_by_mask = tl.load(mask_ptrs, mask=mask_ok, other=0)

@@ -4,30 +4,30 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (_cast, _dot, _dropout_keep, _dropout_offsets, _key_range, _load_rows, _scores,
-                     _seq_bounds)
+from .common import (_alibi_slope2, _cast, _dot, _dropout_keep, _dropout_offsets, _key_range, _load_rows, _scores,
+                     _seq_bounds, _softcap)
 
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
                     offs_m, seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, seed, dropout_p,
-                    drop_rows, lo, hi,
+                    drop_rows, lo, hi, softcap_in, alibi2,
                     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_N: tl.constexpr, EDGE: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
                     WIDE_DROPOUT: tl.constexpr,
-                    FP32_IEEE: tl.constexpr):
+                    FP32_IEEE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, seqlen_k, offs_d,
                        HEAD_D, BLOCK_D, EDGE)
-        qk = _dot(q, tl.trans(k), None, FP32_IEEE)
+        qk = _softcap(_dot(q, tl.trans(k), None, FP32_IEEE), softcap_in, SOFTCAP)
         mask_ptrs = mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
         mask_ok = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
         s = _scores(qk, qk_scale, mask_ptrs, mask_ok, offs_m[:, None], offs_n[None, :], seqlen_k, diag,
-                    window_left, window_right, HAS_MASK, MASK_IS_BOOL, EDGE, HAS_LEFT, HAS_RIGHT)
+                    window_left, window_right, alibi2, HAS_MASK, MASK_IS_BOOL, EDGE, HAS_LEFT, HAS_RIGHT, ALIBI)
         # Online softmax: rescale what was accumulated under the old running max. A row that has seen no
         # allowed key keeps max -inf; subtracting 0 instead keeps exp2 at 0 rather than NaN.
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -49,14 +49,15 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, stri
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Out, Lse, Mask, CuSeqQ, CuSeqK,
+    Q, K, V, Out, Lse, Mask, CuSeqQ, CuSeqK, Alibi,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_mb, stride_mh, stride_mm, stride_mn,
-    num_heads, group_size, Sq, Sk, qk_scale, window_left, window_right, dropout_p, seed,
+    num_heads, group_size, Sq, Sk, qk_scale, window_left, window_right, dropout_p, seed, softcap_in, stride_ab,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     DROPOUT: tl.constexpr, WIDE_DROPOUT: tl.constexpr, FP32_IEEE: tl.constexpr, REVERSE_M: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     # With a causal band the last query blocks see the most keys: launch them first (longest work first).
@@ -82,6 +83,7 @@ def _attn_fwd_kernel(
     k_base = K + b64 * stride_kb + kv_h.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
     v_base = V + b64 * stride_vb + kv_h.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
     mask_base = Mask + b64 * stride_mb + h.to(tl.int64) * stride_mh
+    alibi2 = _alibi_slope2(Alibi, b, h, stride_ab, ALIBI)
 
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -102,18 +104,18 @@ def _attn_fwd_kernel(
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn, offs_m,
             seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, seed, dropout_p, drop_rows, lo, full_lo,
-            HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_MASK, MASK_IS_BOOL,
-            DROPOUT, WIDE_DROPOUT, FP32_IEEE)
+            softcap_in, alibi2, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_MASK, MASK_IS_BOOL,
+            DROPOUT, WIDE_DROPOUT, FP32_IEEE, SOFTCAP, ALIBI)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn, offs_m,
         seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, seed, dropout_p, drop_rows, full_lo, full_hi,
-        HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_MASK, MASK_IS_BOOL,
-        DROPOUT, WIDE_DROPOUT, FP32_IEEE)
+        softcap_in, alibi2, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_MASK, MASK_IS_BOOL,
+        DROPOUT, WIDE_DROPOUT, FP32_IEEE, SOFTCAP, ALIBI)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn, offs_m,
         seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, seed, dropout_p, drop_rows, full_hi, hi,
-        HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_MASK, MASK_IS_BOOL,
-        DROPOUT, WIDE_DROPOUT, FP32_IEEE)
+        softcap_in, alibi2, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_MASK, MASK_IS_BOOL,
+        DROPOUT, WIDE_DROPOUT, FP32_IEEE, SOFTCAP, ALIBI)
 
     # Epilogue: normalise, undo dropout's expected shrinkage, and keep the natural-log LSE for the backward pass.
     empty_row = l_i == 0.0

@@ -22,7 +22,8 @@ from .forward import _attn_fwd_kernel
 # compile-checked alternatives (configs.AUTOTUNE_CANDIDATES), per shape; otherwise (and always in the interpreter or
 # under a forced LLMFAST_CONFIG_ARCH) the static pick stands.
 # ----------------------------------------------------------------------------------------------------------------
-_AUTOTUNE_KEY = ["Sq", "Sk", "HEAD_D", "HEAD_DV", "IS_VARLEN", "HAS_LEFT", "HAS_RIGHT", "HAS_MASK", "DROPOUT"]
+_AUTOTUNE_KEY = ["Sq", "Sk", "HEAD_D", "HEAD_DV", "IS_VARLEN", "HAS_LEFT", "HAS_RIGHT", "HAS_MASK", "DROPOUT",
+                 "SOFTCAP", "ALIBI"]
 _autotuners: dict = {}
 _picks: dict[str, str] = {}
 _do_bench = None  # triton's default timer; tests substitute their own
@@ -104,7 +105,7 @@ class _Problem:
     """Sizes and flags shared by the forward and backward launches."""
 
     def __init__(self, q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, layout, scale,
-                 window_left, window_right, bottom_right, dropout_p, seed):
+                 window_left, window_right, bottom_right, dropout_p, seed, softcap=0.0, alibi_slopes=None):
         self.layout = layout
         self.varlen = layout == "thd"
         self.num_heads, self.seqlen_q = _heads_and_len(q, layout)
@@ -138,6 +139,15 @@ class _Problem:
             self.mask = expanded.view(torch.uint8) if self.mask_is_bool else expanded
             self.mask_strides = tuple(self.mask.stride())
         self.has_mask = mask is not None
+        # Logit soft-capping: s = softcap * tanh(scale * qk / softcap). The kernels take tanh's argument scale
+        # (softcap_in) and, as the score scale, softcap * log2(e) in place of scale * log2(e).
+        self.softcap = float(softcap)
+        self.softcap_in = self.scale / self.softcap if self.softcap > 0 else 0.0
+        self.qk_scale = (self.softcap if self.softcap > 0 else self.scale) * LOG2E
+        # ALiBi slopes, (H,) or (B, H) float32: a (B, H) view with batch stride 0 for the shared vector.
+        self.has_alibi = alibi_slopes is not None
+        self.alibi = alibi_slopes if self.has_alibi else q
+        self.alibi_stride = alibi_slopes.stride(0) if self.has_alibi and alibi_slopes.dim() == 2 else 0
         self.extra = self.has_mask or self.dropout_p > 0
         self.window = self.window_left >= 0  # a left bound: the forward runs a third loop
         # Head dims that are not multiples of 16 give head strides the launch cannot mark 16-divisible.
@@ -152,7 +162,8 @@ class _Problem:
         return dict(HEAD_D=self.head_d, BLOCK_D=self.block_d, HEAD_DV=self.head_dv, BLOCK_DV=self.block_dv,
                     IS_VARLEN=self.varlen, HAS_LEFT=self.window_left >= 0, HAS_RIGHT=self.window_right >= 0,
                     BOTTOM_RIGHT=self.bottom_right, HAS_MASK=self.has_mask, MASK_IS_BOOL=self.mask_is_bool,
-                    DROPOUT=self.dropout_p > 0, WIDE_DROPOUT=self.wide_dropout, FP32_IEEE=self.fp32_ieee)
+                    DROPOUT=self.dropout_p > 0, WIDE_DROPOUT=self.wide_dropout, FP32_IEEE=self.fp32_ieee,
+                    SOFTCAP=self.softcap > 0, ALIBI=self.has_alibi)
 
     def reverse_m(self) -> bool:
         # Under a causal band (bounded right side) later query blocks see more keys.
@@ -160,10 +171,10 @@ class _Problem:
 
 
 def _forward_impl(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, layout, scale,
-                  window_left, window_right, bottom_right, dropout_p, seed):
+                  window_left, window_right, bottom_right, dropout_p, seed, softcap=0.0, alibi_slopes=None):
     q, k, v = _head_dim_contiguous(q), _head_dim_contiguous(k), _head_dim_contiguous(v)
     pb = _Problem(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, layout, scale,
-                  window_left, window_right, bottom_right, dropout_p, seed)
+                  window_left, window_right, bottom_right, dropout_p, seed, softcap, alibi_slopes)
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     lse = torch.empty(_lse_shape(q, layout), dtype=torch.float32, device=q.device)
     if pb.empty or out.numel() == 0:
@@ -177,11 +188,11 @@ def _forward_impl(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
                              lambda meta: (pb.batch * pb.num_heads, triton.cdiv(pb.seqlen_q, meta["BLOCK_M"])),
                              q.device)
     run(
-        q, k, v, out, lse, pb.mask, pb.cu_q, pb.cu_k,
+        q, k, v, out, lse, pb.mask, pb.cu_q, pb.cu_k, pb.alibi,
         *_bhs_strides(q, layout), *_bhs_strides(k, layout), *_bhs_strides(v, layout), *_bhs_strides(out, layout),
         *_lse_strides(lse, layout), *pb.mask_strides,
-        pb.num_heads, pb.group_size, pb.seqlen_q, pb.seqlen_k, pb.scale * LOG2E, pb.window_left, pb.window_right,
-        pb.dropout_p, pb.seed,
+        pb.num_heads, pb.group_size, pb.seqlen_q, pb.seqlen_k, pb.qk_scale, pb.window_left, pb.window_right,
+        pb.dropout_p, pb.seed, pb.softcap_in, pb.alibi_stride,
         REVERSE_M=pb.reverse_m(), **pb.flags(), **tile,
     )
     return out, lse
@@ -197,13 +208,16 @@ def _reduce_to_shape(full: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def _backward_impl(dout, dlse, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                   layout, scale, window_left, window_right, bottom_right, dropout_p, seed, mask_needs_grad):
+                   layout, scale, window_left, window_right, bottom_right, dropout_p, seed, mask_needs_grad,
+                   softcap=0.0, alibi_slopes=None, grads=None):
+    """dq, dk, dv (and the additive mask's gradient). ``grads``: preallocated (dq, dk, dv), e.g. strided views
+    into one packed gradient, which the kernels write through their strides."""
     q, k, v = _head_dim_contiguous(q), _head_dim_contiguous(k), _head_dim_contiguous(v)
     dout, out = _head_dim_contiguous(dout), _head_dim_contiguous(out)
     lse = lse.contiguous()
     pb = _Problem(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, layout, scale,
-                  window_left, window_right, bottom_right, dropout_p, seed)
-    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+                  window_left, window_right, bottom_right, dropout_p, seed, softcap, alibi_slopes)
+    dq, dk, dv = grads if grads is not None else (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
     dmask = mask.new_zeros(mask.shape) if mask_needs_grad else q.new_empty(0)
     if pb.empty or pb.no_keys:
         return dq.zero_(), dk.zero_(), dv.zero_(), dmask
@@ -222,18 +236,18 @@ def _backward_impl(dout, dlse, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens
         num_warps=pre["num_warps"], num_stages=pre["num_stages"],
     )
 
-    common = (pb.window_left, pb.window_right, pb.dropout_p, pb.seed)
+    common = (pb.window_left, pb.window_right, pb.dropout_p, pb.seed, pb.softcap_in, pb.alibi_stride)
     name, cfg = pb.config("bwd_dkdv", arch, q.dtype)
     _backend.record_kernel_launch("attention_bwd_dkdv", cfg)
     run, tile = _tile_launch(_attn_bwd_dkdv_kernel, name, arch, cfg,
                              lambda meta: (pb.batch * pb.num_kv_heads, triton.cdiv(pb.seqlen_k, meta["BLOCK_N"])),
                              q.device)
     run(
-        q, k, v, dout, lse, delta, dk, dv, pb.mask, pb.cu_q, pb.cu_k,
+        q, k, v, dout, lse, delta, dk, dv, pb.mask, pb.cu_q, pb.cu_k, pb.alibi,
         *_bhs_strides(q, layout), *_bhs_strides(k, layout), *_bhs_strides(v, layout),
         *_bhs_strides(dout, layout), *_bhs_strides(dk, layout), *_bhs_strides(dv, layout),
         *_lse_strides(lse, layout), *pb.mask_strides,
-        pb.num_heads, pb.num_kv_heads, pb.group_size, pb.seqlen_q, pb.seqlen_k, pb.scale * LOG2E, pb.scale,
+        pb.num_heads, pb.num_kv_heads, pb.group_size, pb.seqlen_q, pb.seqlen_k, pb.qk_scale, pb.scale,
         *common, **pb.flags(), **tile,
     )
 
@@ -245,10 +259,10 @@ def _backward_impl(dout, dlse, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens
                              lambda meta: (pb.batch * pb.num_heads, triton.cdiv(pb.seqlen_q, meta["BLOCK_M"])),
                              q.device)
     run(
-        q, k, v, dout, lse, delta, dq, ds, pb.mask, pb.cu_q, pb.cu_k,
+        q, k, v, dout, lse, delta, dq, ds, pb.mask, pb.cu_q, pb.cu_k, pb.alibi,
         *_bhs_strides(q, layout), *_bhs_strides(k, layout), *_bhs_strides(v, layout),
         *_bhs_strides(dout, layout), *_bhs_strides(dq, layout), *_lse_strides(lse, layout), *pb.mask_strides,
-        pb.num_heads, pb.group_size, pb.seqlen_q, pb.seqlen_k, pb.scale * LOG2E, pb.scale, *common,
+        pb.num_heads, pb.group_size, pb.seqlen_q, pb.seqlen_k, pb.qk_scale, pb.scale, *common,
         REVERSE_M=pb.reverse_m(), STORE_DS=mask_needs_grad, **pb.flags(), **tile,
     )
     if mask_needs_grad:

@@ -7,7 +7,9 @@ tensors, with the architecture's configs forced and the kernel launches captured
 compile check gives them the specialization Triton's launcher would (16-divisible pointers and strides, constants
 for arguments equal to 1). Together the cases launch every variant: non-causal, causal aligned top-left (SDPA) and
 bottom-right (flash-attn), sliding windows, varlen batches, GQA, bool and additive masks (with the mask gradient),
-dropout, the LSE gradient, fp32 inputs exact (IEEE) and with TF32, and head dims that are not multiples of 16.
+dropout, the LSE gradient, fp32 inputs exact (IEEE) and with TF32, head dims that are not multiples of 16, logit
+soft-capping and ALiBi (with and without an additive mask's gradient); and the S_dmask kernel of
+``return_attn_probs`` (one config, every score feature on).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from llmfast.ops._spec import KernelSpec, capture_launches
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .configs import ATTENTION_CONFIGS, AUTOTUNE_CANDIDATES, _block_d, config_key
 from .forward import _attn_fwd_kernel
-from .launch import _backward_impl, _forward_impl
+from .launch import _backward_impl, _forward_impl, _Problem
+from .probs import _attn_probs_kernel, _probs_impl
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _KERNELS = {  # kernel function -> (config kernel key, compile-check kernel name)
@@ -31,6 +34,7 @@ _KERNELS = {  # kernel function -> (config kernel key, compile-check kernel name
     _attn_bwd_preprocess_kernel: ("bwd_preprocess", "attention_bwd_preprocess"),
     _attn_bwd_dkdv_kernel: ("bwd_dkdv", "attention_bwd_dkdv"),
     _attn_bwd_dq_kernel: ("bwd_dq", "attention_bwd_dq"),
+    _attn_probs_kernel: ("probs", "attention_probs"),
 }
 ALL = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
 MAIN = ("fwd", "bwd_dkdv", "bwd_dq")
@@ -57,6 +61,8 @@ class Case:
     # Head dim 8 below the bucket and an odd length: the head strides are not multiples of 16, so the launch
     # gets no divisibility on them; the loads stay scalar and are not pipelined (cp.async needs the alignment).
     unaligned: bool = False
+    softcap: float = 0.0           # logit soft-capping (Gemma 2's 50)
+    alibi: bool = False            # ALiBi slopes, one per query head
 
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -69,18 +75,22 @@ CASES = {
         Case("varlen_window", BF16, ALL, layout="thd", window=(256, 0)),
         Case("unaligned", F16, ALL, unaligned=True),
         Case("dlse", F16, ("bwd_preprocess",), dlse=True),
+        Case("softcap_alibi", BF16, MAIN, softcap=50.0, alibi=True),
     ),
     # 16-bit inputs with a mask or dropout: the "_extra" configs.
     "_extra": (
         Case("additive_mask", F16, MAIN, layout="bhsd", causal="top_left", mask="additive"),
         Case("bool_mask_dropout", BF16, MAIN, layout="bhsd", causal="none", mask="bool", dropout=True),
         Case("dropout_causal", F16, MAIN, dropout=True),
+        Case("additive_mask_softcap", F16, MAIN, layout="bhsd", causal="top_left", mask="additive", softcap=30.0),
+        Case("dropout_softcap_alibi", BF16, MAIN, dropout=True, softcap=50.0, alibi=True),
     ),
     # fp32 inputs: exact (IEEE) dots on the FMA units, or TF32 on the tensor cores when torch allows it.
     "_fp32": (
         Case("ieee_causal", F32, ALL),
         Case("tf32_causal", F32, MAIN, tf32=True),
         Case("ieee_mask_dropout", F32, MAIN, layout="bhsd", causal="none", mask="additive", dropout=True),
+        Case("ieee_softcap_alibi", F32, MAIN, softcap=50.0, alibi=True),
     ),
 }
 
@@ -111,7 +121,8 @@ def _inputs(case: Case, head_dim: int):
                    max_seqlen_k=seqlen if cu is not None else 0, layout=case.layout,
                    scale=1.0 / math.sqrt(head_dim), window_left=left, window_right=right,
                    bottom_right=case.causal != "top_left", dropout_p=0.1 if case.dropout else 0.0,
-                   seed=torch.tensor([1234]) if case.dropout else None)
+                   seed=torch.tensor([1234]) if case.dropout else None, softcap=case.softcap,
+                   alibi_slopes=torch.empty(HEADS, device="meta", dtype=torch.float32) if case.alibi else None)
     return q, k, v, problem
 
 
@@ -191,6 +202,24 @@ def config_specs(arch_key: str, config: str, override: dict | None = None,
         table[config] = saved
 
 
+def probs_specs(arch_key: str, bucket: int, dtype: torch.dtype) -> list[KernelSpec]:
+    """The S_dmask kernel (``return_attn_probs``) at one head-dim bucket: its one config, with soft-capping, ALiBi,
+    a sliding window and dropout all on (the most registers it can need)."""
+    case = Case("probs", dtype, ("probs",), window=(256, 0), dropout=True, softcap=50.0, alibi=True)
+    q, k, v, problem = _inputs(case, bucket)
+    lse = torch.empty(BATCH, HEADS, SEQLEN, device="meta", dtype=torch.float32)
+    args = [problem[name] for name in ("mask", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
+                                       "layout", "scale", "window_left", "window_right", "bottom_right",
+                                       "dropout_p", "seed", "softcap", "alibi_slopes")]
+    with forced_config_arch(arch_key), capture_launches() as launches:
+        _probs_impl(q, k, lse, _Problem(q, k, v, *args))
+    arch = int(arch_key[2:])
+    return [KernelSpec("attention_probs", call.kernel, config=f"probs_d{bucket}_{_TRITON_DTYPE[dtype]}_softcap_alibi",
+                       num_warps=call.option("num_warps", 4), num_stages=call.option("num_stages", 1),
+                       arches=(arch,), launch_args=call.launch_args(),
+                       matrix="fma" if dtype == torch.float32 else "mma") for call in launches]
+
+
 def compile_specs() -> list[KernelSpec]:
     """Every named config of every GPU architecture, each compiled for the calls (cases) it serves, and every
     autotuning alternative for the calls of the config it stands in for."""
@@ -201,6 +230,9 @@ def compile_specs() -> list[KernelSpec]:
                 for case in cases:
                     for spec in case_specs(arch_key, bucket, kind, case):
                         specs.setdefault((spec.arches, spec.config), spec)
+            for dtype in (F16, F32):
+                for spec in probs_specs(arch_key, bucket, dtype):
+                    specs.setdefault((spec.arches, spec.config), spec)
         for name, alternatives in AUTOTUNE_CANDIDATES[arch_key].items():
             for index, alternative in enumerate(alternatives):
                 for spec in config_specs(arch_key, name, alternative, label=f"{name}_autotune{index}"):
