@@ -14,7 +14,7 @@ MAX_HEAD_DIM = 256
 # ----------------------------------------------------------------------------------------------------------------
 # Tuning: named configs per architecture, one per kernel, head-dim bucket (the padded head dim: "d64" serves head
 # dims 1..64, "d128" 65..128, "d256" 129..256) and kind of input: 16-bit inputs without extras, 16-bit inputs with
-# an attn_mask or dropout ("_extra": the mask tile and Philox rounds need registers, so smaller tiles), and fp32
+# an attn_mask, dropout, softcap or ALiBi ("_extra": mask tiles, Philox, tanh need registers: smaller tiles), and fp32
 # inputs ("_fp32": exact fp32 dots run on the FMA units, which need much smaller tiles). BLOCK_M counts query rows,
 # BLOCK_N key rows. Every entry is the largest tile found that ``python -m llmfast.compile_check`` builds without
 # register spills (Triton 3.9, ptxas from its wheel) *with the specialization a launch gets* (16-divisible pointers

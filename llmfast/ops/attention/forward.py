@@ -104,18 +104,18 @@ def _attn_fwd_kernel(
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn, offs_m,
             seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, seed, dropout_p, drop_rows, lo, full_lo,
-            softcap_in, alibi2, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_MASK, MASK_IS_BOOL,
-            DROPOUT, WIDE_DROPOUT, FP32_IEEE, SOFTCAP, ALIBI)
+            softcap_in, alibi2, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_MASK,
+            MASK_IS_BOOL, DROPOUT, WIDE_DROPOUT, FP32_IEEE, SOFTCAP, ALIBI)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn, offs_m,
         seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, seed, dropout_p, drop_rows, full_lo, full_hi,
-        softcap_in, alibi2, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_MASK, MASK_IS_BOOL,
-        DROPOUT, WIDE_DROPOUT, FP32_IEEE, SOFTCAP, ALIBI)
+        softcap_in, alibi2, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_MASK,
+        MASK_IS_BOOL, DROPOUT, WIDE_DROPOUT, FP32_IEEE, SOFTCAP, ALIBI)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn, offs_m,
         seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, seed, dropout_p, drop_rows, full_hi, hi,
-        softcap_in, alibi2, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_MASK, MASK_IS_BOOL,
-        DROPOUT, WIDE_DROPOUT, FP32_IEEE, SOFTCAP, ALIBI)
+        softcap_in, alibi2, HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_MASK,
+        MASK_IS_BOOL, DROPOUT, WIDE_DROPOUT, FP32_IEEE, SOFTCAP, ALIBI)
 
     # Epilogue: normalise, undo dropout's expected shrinkage, and keep the natural-log LSE for the backward pass.
     empty_row = l_i == 0.0

@@ -148,7 +148,9 @@ class _Problem:
         self.has_alibi = alibi_slopes is not None
         self.alibi = alibi_slopes if self.has_alibi else q
         self.alibi_stride = alibi_slopes.stride(0) if self.has_alibi and alibi_slopes.dim() == 2 else 0
-        self.extra = self.has_mask or self.dropout_p > 0
+        # Soft-capping (tanh) and ALiBi take registers like a mask tile: the plain 16-bit tiles spill on sm_80 with
+        # them, so they run on the "_extra" configs.
+        self.extra = self.has_mask or self.dropout_p > 0 or self.softcap > 0 or self.has_alibi
         self.window = self.window_left >= 0  # a left bound: the forward runs a third loop
         # Head dims that are not multiples of 16 give head strides the launch cannot mark 16-divisible.
         self.unaligned = self.head_d % 16 != 0 or self.head_dv % 16 != 0

@@ -75,13 +75,13 @@ CASES = {
         Case("varlen_window", BF16, ALL, layout="thd", window=(256, 0)),
         Case("unaligned", F16, ALL, unaligned=True),
         Case("dlse", F16, ("bwd_preprocess",), dlse=True),
-        Case("softcap_alibi", BF16, MAIN, softcap=50.0, alibi=True),
     ),
-    # 16-bit inputs with a mask or dropout: the "_extra" configs.
+    # 16-bit inputs with a mask, dropout, soft-capping or ALiBi: the "_extra" configs.
     "_extra": (
         Case("additive_mask", F16, MAIN, layout="bhsd", causal="top_left", mask="additive"),
         Case("bool_mask_dropout", BF16, MAIN, layout="bhsd", causal="none", mask="bool", dropout=True),
         Case("dropout_causal", F16, MAIN, dropout=True),
+        Case("softcap_alibi", BF16, MAIN, softcap=50.0, alibi=True),
         Case("additive_mask_softcap", F16, MAIN, layout="bhsd", causal="top_left", mask="additive", softcap=30.0),
         Case("dropout_softcap_alibi", BF16, MAIN, dropout=True, softcap=50.0, alibi=True),
     ),
