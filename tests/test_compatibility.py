@@ -208,3 +208,14 @@ def test_tiktoken_table_lists_exactly_tiktokens_api():
             assert (mine.default is _MISSING) == (p.default is p.empty), (name, p.name)
             if p.default is not p.empty:
                 assert mine.default == p.default, (name, p.name)
+
+
+def test_flash_cross_attention_takes_flash_attns_positional_order():
+    torch = pytest.importorskip("torch")
+    from llmfast.nn import FlashCrossAttention, FlashSelfAttention
+
+    slopes = torch.tensor([0.5, 0.25])
+    cross = FlashCrossAttention(True, 0.5, 0.0, slopes, (3, 0), True)  # flash-attn: ..., alibi_slopes, window_size
+    assert torch.equal(cross.alibi_slopes, slopes) and cross.window_size == (3, 0) and cross.deterministic
+    self_attn = FlashSelfAttention(True, 0.5, 0.0, (3, 0), slopes, True)  # flash-attn: ..., window_size, alibi
+    assert torch.equal(self_attn.alibi_slopes, slopes) and self_attn.window_size == (3, 0)

@@ -211,6 +211,14 @@ class FlashCrossAttention(_FlashAttentionBase):
     """flash-attn's ``FlashCrossAttention``: queries ``q`` attend over packed keys/values ``kv``, through
     llmfast's kernels (GQA/MQA when kv has fewer heads)."""
 
+    def __init__(self, causal: bool = False, softmax_scale: float | None = None, attention_dropout: float = 0.0,
+                 alibi_slopes: torch.Tensor | None = None, window_size: tuple[int, int] | list[int] = (-1, -1),
+                 deterministic: bool = False, *, softcap: float = 0.0) -> None:
+        # flash-attn's FlashCrossAttention takes alibi_slopes before window_size (FlashSelfAttention the other
+        # way round): the same order here, so positional calls bind the same way.
+        super().__init__(causal, softmax_scale, attention_dropout, window_size, alibi_slopes, deterministic,
+                         softcap=softcap)
+
     def forward(self, q: torch.Tensor, kv: torch.Tensor, causal: bool | None = None,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                 cu_seqlens_k: torch.Tensor | None = None, max_seqlen_k: int | None = None) -> torch.Tensor:
