@@ -48,7 +48,7 @@ def _config(family: str):
     raise AssertionError(family)
 
 
-CAUSAL = ("llama", "mistral", "qwen2", "qwen3", "gpt2")  # gemma2 joins when attention softcap lands
+CAUSAL = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gpt2")
 FAMILIES = CAUSAL + ("bert",)
 
 
@@ -133,7 +133,7 @@ def test_patched_model_matches_eager(family):
         assert error <= 1e-3 * torch.maximum(p_want.grad.norm(), floor), (name, error, p_want.grad.norm())
 
 
-@pytest.mark.parametrize("family", ["llama"])
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_num_items_in_batch_sums_then_divides(family):
     reference = _model(family).train()
     patched = lt.apply_llmfast(copy.deepcopy(reference))
@@ -166,7 +166,7 @@ def test_attn_implementation_by_name_selects_llmfast():
     assert llmfast.kernel_launch_counts().get("attention_fwd", 0) == config.num_hidden_layers
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
 def test_generate_greedy_is_identical(family):
     reference = _model(family).eval()
     patched = lt.apply_llmfast(copy.deepcopy(reference))
