@@ -312,3 +312,20 @@ def test_class_level_patching_before_construction():
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_readme_example_runs_as_written(tmp_path):
+    """The README's Hugging Face example (the first python block of its section), run as a user would."""
+    from pathlib import Path
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Hugging Face models"):]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    env = {key: value for key, value in __import__("os").environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "tensor([[" in result.stdout
