@@ -29,8 +29,8 @@ class KernelSpec:
     Either ``launch_args`` (preferred: every argument's value at a representative launch, a ``torch.dtype`` for
     a pointer to an aligned tensor of that dtype, constexprs included), from which the compile check derives the
     launcher's specialization; or ``signature`` (every non-constexpr argument to a Triton type: ``"*fp16"``,
-    ``"i32"``, ``"fp32"``...) and ``constexprs``, in which case pointers are assumed 16-byte aligned (as torch's
-    allocations are) and integers unspecialized.
+    ``"i32"``, ``"fp32"``...) and ``constexprs``, compiled without any specialization (the older, less faithful
+    form: a real launch would also know its pointers aligned).
 
     ``arches`` limits the spec to some compute capabilities (``None``: all that compile_check is asked for).
     ``matrix`` is the instruction every ``tl.dot`` of the kernel must become: ``"tensor"`` (``wgmma`` on sm_90,
@@ -103,13 +103,11 @@ def launch_specialization(fn, launch_args: Mapping[str, Any]) -> tuple[dict[str,
 
 def spec_specialization(spec: KernelSpec) -> tuple[dict[str, str], dict[str, Any], dict]:
     """What ``compile_check`` compiles for ``spec``: its launch's specialization, or for a spec given by signature
-    the signature with every pointer 16-byte aligned."""
+    that signature as is (no divisibility: a kernel's spec opts into the launch's specialization by giving
+    ``launch_args``, and its configs may need retuning when it does)."""
     if spec.launch_args is not None:
         return launch_specialization(spec.fn, spec.launch_args)
-    names = [name for name, *_ in _params(spec.fn)]
-    attrs = {(names.index(name),): DIVISIBILITY_16 for name, kind in spec.signature.items()
-             if kind.startswith("*") and name in names}
-    return dict(spec.signature), dict(spec.constexprs), attrs
+    return dict(spec.signature), dict(spec.constexprs), {}
 
 
 # ----------------------------------------------------------------------------------------------------------------
