@@ -361,3 +361,40 @@ def test_autotuner_picks_among_the_candidates_and_runs_the_pick(monkeypatch):
     want = ref.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
     lowp = ref.scaled_dot_product_attention(q, k, v, is_causal=True)
     within_policy("autotuned output", out, want, lowp, ATOL[F16])
+
+
+# ---------------------------------------------------------------------------------------------- 64-bit offsets
+
+def _far_rows(rows: int, cols: int, stride: int, dtype=F16) -> torch.Tensor:
+    """(rows, cols) with consecutive rows ``stride`` elements apart: row * stride passes 2**31 within a few rows.
+    The storage is reserved, never touched beyond the rows written (the OS backs only those pages)."""
+    storage = torch.empty((rows - 1) * stride + cols, dtype=dtype)
+    t = storage.as_strided((rows, cols), (stride, 1))
+    t.copy_(torch.randn(rows, cols).to(dtype))
+    return t
+
+
+def test_offsets_past_two_to_the_31_elements():
+    # Keys, values and queries 2**27 elements apart along the sequence: row 16 and beyond sit past 2**31 elements
+    # from the base, where 32-bit row offsets would wrap (a wrong row, or a read outside the tensor).
+    stride = 2**27
+    q, k, v = (_far_rows(20, 16, stride).view(1, 20, 1, 16) for _ in range(3))
+    assert q.stride(1) * 19 >= 2**31
+    for t in (q, k, v):
+        t.requires_grad_()
+
+    def call(q, k, v):
+        out, lse, _ = llmfast.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+        return out, lse
+
+    compare(call, call, [q, k, v])
+
+
+def test_mask_offsets_past_two_to_the_31_elements():
+    # A (Sq, Sk) additive mask whose rows are 2**27 elements apart: query row i's mask starts at i * 2**27.
+    stride = 2**27
+    mask = _far_rows(20, 24, stride, dtype=F32).view(1, 1, 20, 24)
+    q = torch.randn(1, 2, 20, 16, requires_grad=True)
+    k, v = (torch.randn(1, 2, 24, 16, requires_grad=True) for _ in range(2))
+    compare(lambda q, k, v, m: llmfast.scaled_dot_product_attention(q, k, v, attn_mask=m),
+            lambda q, k, v, m: llmfast.scaled_dot_product_attention(q, k, v, attn_mask=m), [q, k, v, mask])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (_alibi_slope2, _band, _cast, _dot, _dropout_keep, _dropout_offsets, _key_range,
+from .common import (_alibi_slope2, _at, _at64, _band, _cast, _dot, _dropout_keep, _dropout_offsets, _key_range,
                      _load_rows, _query_range, _scores, _seq_bounds, _softcap)
 
 
@@ -32,10 +32,10 @@ def _attn_bwd_preprocess_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     o_base = Out + b64 * stride_ob + h64 * stride_oh + row0 * stride_om
     do_base = DOut + b64 * stride_dob + h64 * stride_doh + row0 * stride_dom
-    o = _load_rows(o_base + offs_m[:, None] * stride_om + offs_dv[None, :], offs_m, seqlen_q, offs_dv, HEAD_DV,
-                   BLOCK_DV, True)
-    do = _load_rows(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, seqlen_q, offs_dv, HEAD_DV,
-                    BLOCK_DV, True)
+    o = _load_rows(_at64(o_base, offs_m[:, None], stride_om) + offs_dv[None, :], offs_m, seqlen_q, offs_dv,
+                   HEAD_DV, BLOCK_DV, True)
+    do = _load_rows(_at64(do_base, offs_m[:, None], stride_dom) + offs_dv[None, :], offs_m, seqlen_q,
+                    offs_dv, HEAD_DV, BLOCK_DV, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     l_off = b64 * stride_lb + h64 * stride_lh + row0 + offs_m
     if HAS_DLSE:
@@ -44,14 +44,14 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _bwd_scores(qk, qk_scale, mask_base, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k, diag, window_left,
+def _bwd_scores(qk, qk_scale, mask_ptrs, rows, cols, seqlen_q, seqlen_k, diag, window_left,
                 window_right, band_edge, alibi2, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ALIBI: tl.constexpr, ALIBI_INT: tl.constexpr):
     """_scores() for the backward loops, which see the tile either way round (``rows``/``cols``: broadcastable query
     and key indices). The band applies only where ``band_edge`` (a runtime flag: one loop body for edge and interior
     blocks keeps the register pressure down). Also returns which elements lie inside the (Sq, Sk) problem."""
     in_bounds = (rows < seqlen_q) & (cols < seqlen_k)
-    s = _scores(qk, qk_scale, mask_base + rows * stride_mm + cols * stride_mn, in_bounds, rows, cols, seqlen_k, diag,
+    s = _scores(qk, qk_scale, mask_ptrs, in_bounds, rows, cols, seqlen_k, diag,
                 window_left, window_right, alibi2, HAS_MASK, MASK_IS_BOOL, False, HAS_LEFT, HAS_RIGHT, ALIBI,
                 ALIBI_INT)
     if band_edge:
@@ -76,18 +76,19 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, ma
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d,
-                       HEAD_D, BLOCK_D, True)
-        do = _load_rows(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, seqlen_q, offs_dv,
-                        HEAD_DV, BLOCK_DV, True)
+        q = _load_rows(_at64(q_base, offs_m[:, None], stride_qm) + offs_d[None, :], offs_m, seqlen_q,
+                       offs_d, HEAD_D, BLOCK_D, True)
+        do = _load_rows(_at64(do_base, offs_m[:, None], stride_dom) + offs_dv[None, :], offs_m, seqlen_q,
+                        offs_dv, HEAD_DV, BLOCK_DV, True)
         lse = tl.load(lse_base + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
         delta = tl.load(delta_base + offs_m, mask=offs_m < seqlen_q, other=0.0)
         # Rows with no allowed key stored LSE = -inf, rows past the end read +inf: either way P comes out 0.
         lse2 = tl.where(lse == -float("inf"), float("inf"), lse * 1.4426950408889634)
         # Under soft-capping qk_t holds t = tanh(scale * qk / softcap), kept for the chain rule below.
         qk_t = _softcap(_dot(k, tl.trans(q), None, FP32_IEEE), softcap_in, SOFTCAP)
-        s_t, _ = _bwd_scores(qk_t, qk_scale, mask_base, stride_mm, stride_mn, offs_m[None, :], offs_n[:, None],
-                             seqlen_q, seqlen_k, diag, window_left, window_right,
+        # mask_base: pointers to this program's mask columns ([BLOCK_N, 1], see the kernel)
+        s_t, _ = _bwd_scores(qk_t, qk_scale, _at64(mask_base, offs_m[None, :], stride_mm), offs_m[None, :],
+                             offs_n[:, None], seqlen_q, seqlen_k, diag, window_left, window_right,
                              (start_m < full_lo) | (start_m >= full_hi), alibi2, HAS_MASK, MASK_IS_BOOL, HAS_LEFT,
                              HAS_RIGHT, ALIBI, True)
         p_t = tl.math.exp2(s_t - lse2[None, :])
@@ -123,8 +124,10 @@ def _attn_bwd_dkdv_kernel(
     DROPOUT: tl.constexpr, WIDE_DROPOUT: tl.constexpr, FP32_IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # Key blocks innermost: programs launched together read the same query heads' Q and dO (L2 reuse).
+    n_n = tl.cdiv(Sk, BLOCK_N)
+    pid_bh = tl.program_id(0) // n_n
+    pid_n = tl.program_id(0) % n_n
     b = pid_bh // num_kv_heads
     kv_h = pid_bh % num_kv_heads
     q_start, seqlen_q = _seq_bounds(CuSeqQ, b, Sq, IS_VARLEN)
@@ -142,11 +145,10 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     kv_h64, k_row0 = kv_h.to(tl.int64), k_start.to(tl.int64)
-    k = _load_rows(K + b64 * stride_kb + kv_h64 * stride_kh + k_row0 * stride_kn
-                   + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, seqlen_k, offs_d, HEAD_D, BLOCK_D, True)
-    v = _load_rows(V + b64 * stride_vb + kv_h64 * stride_vh + k_row0 * stride_vn
-                   + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, seqlen_k, offs_dv, HEAD_DV, BLOCK_DV,
-                   True)
+    k = _load_rows(_at64(K + b64 * stride_kb + kv_h64 * stride_kh + k_row0 * stride_kn, offs_n[:, None],
+                       stride_kn) + offs_d[None, :], offs_n, seqlen_k, offs_d, HEAD_D, BLOCK_D, True)
+    v = _load_rows(_at64(V + b64 * stride_vb + kv_h64 * stride_vh + k_row0 * stride_vn, offs_n[:, None],
+                       stride_vn) + offs_dv[None, :], offs_n, seqlen_k, offs_dv, HEAD_DV, BLOCK_DV, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
@@ -161,7 +163,7 @@ def _attn_bwd_dkdv_kernel(
         do_base = DOut + b64 * stride_dob + h.to(tl.int64) * stride_doh + q_row0 * stride_dom
         lse_base = Lse + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_row0
         delta_base = Delta + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_row0
-        mask_base = Mask + b64 * stride_mb + h.to(tl.int64) * stride_mh
+        mask_base = _at64(Mask + b64 * stride_mb + h.to(tl.int64) * stride_mh, offs_n[:, None], stride_mn)
         drop_base = (b64 * num_heads + h) * Sq
         alibi2 = _alibi_slope2(Alibi, b, h, stride_ab, ALIBI)
         dk, dv = _attn_bwd_dkdv_inner(
@@ -175,9 +177,9 @@ def _attn_bwd_dkdv_kernel(
     row_ok = offs_n[:, None] < seqlen_k
     dk_base = DK + b64 * stride_dkb + kv_h64 * stride_dkh + k_row0 * stride_dkn
     dv_base = DV + b64 * stride_dvb + kv_h64 * stride_dvh + k_row0 * stride_dvn
-    tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :], _cast(dk, DK.dtype.element_ty),
+    tl.store(_at64(dk_base, offs_n[:, None], stride_dkn) + offs_d[None, :], _cast(dk, DK.dtype.element_ty),
              mask=row_ok & (offs_d[None, :] < HEAD_D))
-    tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_dv[None, :], _cast(dv, DV.dtype.element_ty),
+    tl.store(_at64(dv_base, offs_n[:, None], stride_dvn) + offs_dv[None, :], _cast(dv, DV.dtype.element_ty),
              mask=row_ok & (offs_dv[None, :] < HEAD_DV))
 
 
@@ -195,15 +197,16 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_bas
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, seqlen_k, offs_d,
-                       HEAD_D, BLOCK_D, True)
-        v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, seqlen_k, offs_dv,
-                       HEAD_DV, BLOCK_DV, True)
+        k = _load_rows(_at(k_base, start_n, offs_n[:, None], stride_kn) + offs_d[None, :], offs_n, seqlen_k,
+                       offs_d, HEAD_D, BLOCK_D, True)
+        v = _load_rows(_at(v_base, start_n, offs_n[:, None], stride_vn) + offs_dv[None, :], offs_n, seqlen_k,
+                       offs_dv, HEAD_DV, BLOCK_DV, True)
         qk = _softcap(_dot(q, tl.trans(k), None, FP32_IEEE), softcap_in, SOFTCAP)
-        s, in_bounds = _bwd_scores(qk, qk_scale, mask_base, stride_mm, stride_mn, offs_m[:, None], offs_n[None, :],
-                                   seqlen_q, seqlen_k, diag, window_left, window_right,
-                                   (start_n < full_lo) | (start_n >= full_hi), alibi2, HAS_MASK, MASK_IS_BOOL,
-                                   HAS_LEFT, HAS_RIGHT, ALIBI, False)
+        # mask_base: pointers to this program's mask rows ([BLOCK_M, 1], see the kernel)
+        s, in_bounds = _bwd_scores(qk, qk_scale, _at(mask_base, start_n, offs_n[None, :], stride_mn),
+                                   offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, diag, window_left,
+                                   window_right, (start_n < full_lo) | (start_n >= full_hi), alibi2, HAS_MASK,
+                                   MASK_IS_BOOL, HAS_LEFT, HAS_RIGHT, ALIBI, False)
         p = tl.math.exp2(s - lse2[:, None])
         if SOFTCAP and not STORE_DS:
             p = p * (1.0 - qk * qk)  # tanh' folded in early: t dies before the dP dot (registers)
@@ -235,11 +238,12 @@ def _attn_bwd_dq_kernel(
     DROPOUT: tl.constexpr, WIDE_DROPOUT: tl.constexpr, FP32_IEEE: tl.constexpr, REVERSE_M: tl.constexpr,
     STORE_DS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
+    # Query blocks innermost, as in the forward kernel: programs launched together share one head's K/V in L2.
+    n_m = tl.cdiv(Sq, BLOCK_M)
+    pid_bh = tl.program_id(0) // n_m
+    pid_m = tl.program_id(0) % n_m
     if REVERSE_M:
-        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    else:
-        pid_m = tl.program_id(1)
+        pid_m = n_m - 1 - pid_m
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     kv_h = h // group_size
@@ -259,11 +263,10 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_row0 = q_start.to(tl.int64)
-    q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh + q_row0 * stride_qm
-                   + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_D, BLOCK_D, True)
-    do = _load_rows(DOut + b64 * stride_dob + h64 * stride_doh + q_row0 * stride_dom
-                    + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, seqlen_q, offs_dv, HEAD_DV, BLOCK_DV,
-                    True)
+    q = _load_rows(_at(Q + b64 * stride_qb + h64 * stride_qh + q_row0 * stride_qm, m_start, offs_m[:, None],
+                       stride_qm) + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_D, BLOCK_D, True)
+    do = _load_rows(_at(DOut + b64 * stride_dob + h64 * stride_doh + q_row0 * stride_dom, m_start, offs_m[:, None],
+                        stride_dom) + offs_dv[None, :], offs_m, seqlen_q, offs_dv, HEAD_DV, BLOCK_DV, True)
     l_off = b64 * stride_lb + h64 * stride_lh + q_row0 + offs_m
     lse = tl.load(Lse + l_off, mask=offs_m < seqlen_q, other=float("inf"))
     lse2 = tl.where(lse == -float("inf"), float("inf"), lse * 1.4426950408889634)
@@ -271,7 +274,7 @@ def _attn_bwd_dq_kernel(
 
     k_base = K + b64 * stride_kb + kv_h.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
     v_base = V + b64 * stride_vb + kv_h.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
-    mask_base = Mask + b64 * stride_mb + h64 * stride_mh
+    mask_base = _at(Mask + b64 * stride_mb + h64 * stride_mh, m_start, offs_m[:, None], stride_mm)
     ds_base = DS + (b64 * num_heads + h64) * Sq * Sk
     alibi2 = _alibi_slope2(Alibi, b, h, stride_ab, ALIBI)
     drop_rows = ((b64 * num_heads + h) * Sq + offs_m.to(tl.int64)) * Sk
@@ -288,5 +291,5 @@ def _attn_bwd_dq_kernel(
 
     dq = dq * sm_scale
     dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh + q_row0 * stride_dqm
-    tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], _cast(dq, DQ.dtype.element_ty),
+    tl.store(_at(dq_base, m_start, offs_m[:, None], stride_dqm) + offs_d[None, :], _cast(dq, DQ.dtype.element_ty),
              mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_D))

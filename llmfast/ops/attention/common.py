@@ -70,6 +70,22 @@ def _dot(a, b, acc, FP32_IEEE: tl.constexpr):
     return acc
 
 
+# ``row * stride`` passes 2**31 with long sequences times many heads, or a (Sq, Sk) mask: row offsets are computed
+# in 64 bits, in one of two forms whichever compiles with fewer registers where it is used (compile_check decides):
+@triton.jit
+def _at(base, start, offs, stride):
+    """Pointers ``base + offs * stride`` to the rows ``offs`` of a tile that starts at row ``start``: the tile's
+    start in 64 bits (one scalar), the offsets inside the tile in 32 bits. For tiles loaded once."""
+    return (base + tl.cast(start, tl.int64) * stride) + (offs - start) * stride
+
+
+@triton.jit
+def _at64(base, offs, stride):
+    """Pointers ``base + offs * stride`` with the offsets in 64 bits. For the tiles of a loop: the form above would
+    let the compiler hoist the loop-invariant in-tile offsets out of the loop and keep them live in registers."""
+    return base + offs.to(tl.int64) * stride
+
+
 @triton.jit
 def _load_rows(ptrs, rows, n_rows, cols, N_COLS: tl.constexpr, BLOCK_COLS: tl.constexpr,
                CHECK_ROWS: tl.constexpr):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (_alibi_slope2, _cast, _dot, _dropout_keep, _dropout_offsets, _key_range, _load_rows, _scores,
-                     _seq_bounds, _softcap)
+from .common import (_alibi_slope2, _at64, _cast, _dot, _dropout_keep, _dropout_offsets, _key_range, _load_rows,
+                     _scores, _seq_bounds, _softcap)
 
 
 @triton.jit
@@ -21,10 +21,11 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, stri
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, seqlen_k, offs_d,
+        k = _load_rows(_at64(k_base, offs_n[:, None], stride_kn) + offs_d[None, :], offs_n, seqlen_k, offs_d,
                        HEAD_D, BLOCK_D, EDGE)
         qk = _softcap(_dot(q, tl.trans(k), None, FP32_IEEE), softcap_in, SOFTCAP)
-        mask_ptrs = mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+        # mask_base: the pointers to this program's mask rows ([BLOCK_M, 1], see the kernel)
+        mask_ptrs = _at64(mask_base, offs_n[None, :], stride_mn)
         mask_ok = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
         s = _scores(qk, qk_scale, mask_ptrs, mask_ok, offs_m[:, None], offs_n[None, :], seqlen_k, diag,
                     window_left, window_right, alibi2, HAS_MASK, MASK_IS_BOOL, EDGE, HAS_LEFT, HAS_RIGHT, ALIBI)
@@ -40,7 +41,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, stri
             # The normaliser l uses every probability; only the values read through V are dropped.
             keep = _dropout_keep(seed, _dropout_offsets(drop_rows, offs_n, WIDE_DROPOUT), dropout_p)
             p = tl.where(keep, p, 0.0)
-        v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, seqlen_k, offs_dv,
+        v = _load_rows(_at64(v_base, offs_n[:, None], stride_vn) + offs_dv[None, :], offs_n, seqlen_k,
+                       offs_dv,
                        HEAD_DV, BLOCK_DV, EDGE)
         acc = _dot(_cast(p, v.dtype), v, acc, FP32_IEEE)
         m_i = m_new
@@ -59,12 +61,14 @@ def _attn_fwd_kernel(
     DROPOUT: tl.constexpr, WIDE_DROPOUT: tl.constexpr, FP32_IEEE: tl.constexpr, REVERSE_M: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    # With a causal band the last query blocks see the most keys: launch them first (longest work first).
+    # One program per (batch, head, query block), query blocks innermost: programs launched together read the same
+    # K/V (one head's), which then stays in L2 (FlashAttention-2's order). A 1-D grid has no 65535 limit.
+    n_m = tl.cdiv(Sq, BLOCK_M)
+    pid_bh = tl.program_id(0) // n_m
+    pid_m = tl.program_id(0) % n_m
+    # With a causal band the last query blocks see the most keys: each head launches them first.
     if REVERSE_M:
-        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    else:
-        pid_m = tl.program_id(1)
+        pid_m = n_m - 1 - pid_m
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     kv_h = h // group_size
@@ -82,13 +86,14 @@ def _attn_fwd_kernel(
     q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qm
     k_base = K + b64 * stride_kb + kv_h.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
     v_base = V + b64 * stride_vb + kv_h.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
-    mask_base = Mask + b64 * stride_mb + h.to(tl.int64) * stride_mh
     alibi2 = _alibi_slope2(Alibi, b, h, stride_ab, ALIBI)
 
     offs_m = m_start + tl.arange(0, BLOCK_M)
+    mask_base = _at64(Mask + b64 * stride_mb + h.to(tl.int64) * stride_mh, offs_m[:, None], stride_mm)
+
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d,
+    q = _load_rows(_at64(q_base, offs_m[:, None], stride_qm) + offs_d[None, :], offs_m, seqlen_q, offs_d,
                    HEAD_D, BLOCK_D, True)
     drop_rows = ((b64 * num_heads + h) * Sq + offs_m.to(tl.int64)) * Sk
 
@@ -124,7 +129,7 @@ def _attn_fwd_kernel(
     if DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
     o_base = Out + b64 * stride_ob + h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_om
-    o_ptrs = o_base + offs_m[:, None] * stride_om + offs_dv[None, :]
+    o_ptrs = _at64(o_base, offs_m[:, None], stride_om) + offs_dv[None, :]
     tl.store(o_ptrs, _cast(out, Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DV))
     lse = tl.where(empty_row, -float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     l_ptrs = Lse + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m

@@ -97,6 +97,14 @@ def _lse_strides(lse: torch.Tensor, layout: str) -> tuple[int, int]:
     return (0, lse.stride(0)) if layout == "thd" else (lse.stride(0), lse.stride(1))
 
 
+_MAX_BLOCK = 256  # above every BLOCK_M / BLOCK_N a config ships
+
+
+def _tile_rows_in_32_bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a dense copy when a tile of its rows would span 2**31 elements (absurd strides only)."""
+    return t.contiguous() if max(abs(s) for s in t.stride()) * _MAX_BLOCK >= 2**31 else t
+
+
 def _head_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -187,7 +195,7 @@ def _forward_impl(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     name, cfg = pb.config("fwd", arch, q.dtype)
     _backend.record_kernel_launch("attention_fwd", cfg)
     run, tile = _tile_launch(_attn_fwd_kernel, name, arch, cfg,
-                             lambda meta: (pb.batch * pb.num_heads, triton.cdiv(pb.seqlen_q, meta["BLOCK_M"])),
+                             lambda meta: (pb.batch * pb.num_heads * triton.cdiv(pb.seqlen_q, meta["BLOCK_M"]),),
                              q.device)
     run(
         q, k, v, out, lse, pb.mask, pb.cu_q, pb.cu_k, pb.alibi,
@@ -216,6 +224,11 @@ def _backward_impl(dout, dlse, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens
     into one packed gradient, which the kernels write through their strides."""
     q, k, v = _head_dim_contiguous(q), _head_dim_contiguous(k), _head_dim_contiguous(v)
     dout, out = _head_dim_contiguous(dout), _head_dim_contiguous(out)
+    # The dQ kernel keeps its in-tile row offsets 32-bit (fewer registers): strides so large that one tile's rows
+    # span 2**31 elements take a dense copy first.
+    q, k, v, dout = (_tile_rows_in_32_bits(t) for t in (q, k, v, dout))
+    if mask is not None and max(abs(s) for s in mask.stride()) * _MAX_BLOCK >= 2**31:
+        mask = mask.contiguous()
     lse = lse.contiguous()
     pb = _Problem(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, layout, scale,
                   window_left, window_right, bottom_right, dropout_p, seed, softcap, alibi_slopes)
@@ -242,7 +255,7 @@ def _backward_impl(dout, dlse, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens
     name, cfg = pb.config("bwd_dkdv", arch, q.dtype)
     _backend.record_kernel_launch("attention_bwd_dkdv", cfg)
     run, tile = _tile_launch(_attn_bwd_dkdv_kernel, name, arch, cfg,
-                             lambda meta: (pb.batch * pb.num_kv_heads, triton.cdiv(pb.seqlen_k, meta["BLOCK_N"])),
+                             lambda meta: (pb.batch * pb.num_kv_heads * triton.cdiv(pb.seqlen_k, meta["BLOCK_N"]),),
                              q.device)
     run(
         q, k, v, dout, lse, delta, dk, dv, pb.mask, pb.cu_q, pb.cu_k, pb.alibi,
@@ -258,7 +271,7 @@ def _backward_impl(dout, dlse, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens
     name, cfg = pb.config("bwd_dq", arch, q.dtype)
     _backend.record_kernel_launch("attention_bwd_dq", cfg)
     run, tile = _tile_launch(_attn_bwd_dq_kernel, name, arch, cfg,
-                             lambda meta: (pb.batch * pb.num_heads, triton.cdiv(pb.seqlen_q, meta["BLOCK_M"])),
+                             lambda meta: (pb.batch * pb.num_heads * triton.cdiv(pb.seqlen_q, meta["BLOCK_M"]),),
                              q.device)
     run(
         q, k, v, dout, lse, delta, dq, ds, pb.mask, pb.cu_q, pb.cu_k, pb.alibi,
