@@ -11,9 +11,7 @@ and a 32 000-token vocabulary runs in bfloat16 autocast; on the CPU a tiny one, 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-import llmfast
 from llmfast.models.llama import Llama, LlamaConfig
 from llmfast.ops import rms_norm as rms_norm_ops
 from llmfast.ops import rotary as rotary_ops
@@ -22,7 +20,7 @@ from llmfast.reference import rms_norm as rms_norm_reference
 from llmfast.reference import rotary as rotary_reference
 from llmfast.reference import swiglu as swiglu_reference
 
-from conftest import measure, synchronize, time_peer
+from train_step import benchmark_train_step, make_train_step, torch_patches
 
 # Sizes per device: (model config, batch size).
 SIZES = {
@@ -31,60 +29,12 @@ SIZES = {
 }
 
 
-def make_train_step(device: torch.device):
+def test_llama_train_step(benchmark, device, monkeypatch):
     config, batch_size = SIZES[device.type]
     torch.manual_seed(0)
-    model = Llama(config).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    x, y = torch.randint(0, config.vocab_size, (2, batch_size, config.block_size), device=device).unbind(0)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    def train_step() -> None:
-        with autocast:
-            loss = model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return train_step, batch_size * config.block_size
-
-
-def torch_fused_linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, reduction="mean"):
-    return F.cross_entropy(F.linear(hidden, weight, bias), target, ignore_index=ignore_index, reduction=reduction)
-
-
-def test_llama_train_step(benchmark, device, monkeypatch):
-    train_step, tokens = make_train_step(device)
-    info = benchmark.extra_info
-    info.update(device=device.type, op="llama_train_step", tokens_per_step=tokens)
-
-    def on(backend: str):
-        def run() -> None:
-            with llmfast.backend(backend):
-                train_step()
-            synchronize(device)
-        return run
-
-    def on_torch() -> None:
-        # The model reaches each op through a module attribute at run time: point those at torch's own ops and at
-        # the references (plain torch math, what Hugging Face's eager modules compute).
-        with monkeypatch.context() as patch:
-            patch.setattr(llmfast, "scaled_dot_product_attention", F.scaled_dot_product_attention)
-            patch.setattr(llmfast, "fused_linear_cross_entropy", torch_fused_linear_cross_entropy)
-            patch.setattr(rms_norm_ops, "rms_norm", rms_norm_reference.rms_norm)
-            patch.setattr(rotary_ops, "apply_rotary_pos_emb", rotary_reference.apply_rotary_pos_emb)
-            patch.setattr(swiglu_ops, "swiglu", swiglu_reference.swiglu)
-            train_step()
-        synchronize(device)
-
-    measure(benchmark, on("auto"))
-    if benchmark.disabled or benchmark.stats is None:  # smoke run: every variant once
-        on("reference")()
-        on_torch()
-        return
-    ours = benchmark.stats.stats.median
-    reference_s = time_peer(info, "reference", on("reference"), device)
-    torch_s = time_peer(info, "torch", on_torch, device)
-    info.update(llmfast_tokens_per_s=tokens / ours,
-                speedup_vs_reference=reference_s / ours,  # > 1: llmfast's backend makes the step faster
-                speedup_vs_torch=torch_s / ours)  # > 1: faster than the model on torch's own ops
+    step, tokens = make_train_step(Llama(config), config.vocab_size, batch_size, config.block_size, device)
+    # RMSNorm, rotary and SwiGLU as plain torch math: what Hugging Face's eager Llama computes.
+    patches = torch_patches() + [(rms_norm_ops, "rms_norm", rms_norm_reference.rms_norm),
+                                 (rotary_ops, "apply_rotary_pos_emb", rotary_reference.apply_rotary_pos_emb),
+                                 (swiglu_ops, "swiglu", swiglu_reference.swiglu)]
+    benchmark_train_step(benchmark, device, monkeypatch, "llama_train_step", step, tokens, patches)
