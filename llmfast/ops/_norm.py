@@ -38,7 +38,7 @@ import triton.language as tl
 
 from llmfast import _backend, _validation
 from llmfast.ops._arch import config_arch
-from llmfast.ops._spec import KernelSpec
+from llmfast.ops._spec import KernelSpec, triton_signature
 from llmfast.ops.softmax import cast_out
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -531,26 +531,6 @@ def uses_torch(*tensors: torch.Tensor | None) -> bool:
 COMPILE_DTYPES = ("bf16", "fp32")
 
 
-def _signature(fn, pointers: dict[str, str], floats: Sequence[str], ones: Sequence[str]) -> tuple[dict, dict]:
-    """``triton.compile`` signature: pointers as given, ``floats`` fp32, other ints i32, ``ones`` specialised
-    to the constant 1 (Triton does that to an int argument equal to 1, such as a unit column stride)."""
-    constexpr_names = {p.name for p in fn.params if p.is_constexpr}
-    signature, constants = {}, {}
-    for name in fn.arg_names:
-        if name in constexpr_names:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = pointers[name]
-        elif name in ones:
-            signature[name] = "constexpr"
-            constants[name] = 1
-        elif name in floats:
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    return signature, constants
-
-
 def compile_specs_for(op: str, fwd_variants: Sequence[dict], bwd_variants: Sequence[dict], *,
                       dtypes: Sequence[str] = COMPILE_DTYPES, fwd_pointers: dict[str, str] | None = None,
                       bwd_pointers: dict[str, str] | None = None, suffix: str = "") -> list[KernelSpec]:
@@ -584,7 +564,7 @@ def compile_specs_for(op: str, fwd_variants: Sequence[dict], bwd_variants: Seque
                                     for k, v in variant.items() if v and k != "RMS")
                     for cfg, tile in [*tiles.items(), ("looped", configs.looped)]:
                         fn = looped if cfg == "looped" else single
-                        sig, consts = _signature(fn, ptrs, floats, ones)
+                        sig, consts = triton_signature(fn, ptrs, floats, ones)
                         consts.update(BLOCK_C=tile.block_c, **variant)
                         if fn is single:
                             consts["BLOCK_R"] = tile.block_r

@@ -17,7 +17,7 @@ import contextlib
 import contextvars
 import dataclasses
 import inspect
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 DIVISIBILITY_16 = [["tt.divisibility", 16]]
 
@@ -168,3 +168,25 @@ def capture_launches() -> Iterator[list[CapturedLaunch]]:
         _backend._kernel_launches.update(counts)
         _backend._last_launch_configs.clear()
         _backend._last_launch_configs.update(configs)
+
+
+def triton_signature(fn: Any, pointers: dict[str, str], floats: Sequence[str],
+                     ones: Sequence[str]) -> tuple[dict[str, str], dict[str, int]]:
+    """``triton.compile`` signature of ``fn``: pointers as given, ``floats`` fp32, other ints i32, and ``ones``
+    specialised to the constant 1 (Triton does that to an int argument equal to 1, such as a unit column stride).
+    Returns the signature and the constants it fixed."""
+    constexpr_names = {p.name for p in fn.params if p.is_constexpr}
+    signature, constants = {}, {}
+    for name in fn.arg_names:
+        if name in constexpr_names:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+        elif name in ones:
+            signature[name] = "constexpr"
+            constants[name] = 1
+        elif name in floats:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature, constants
