@@ -441,12 +441,16 @@ def forward(op: str, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
     return y, h, mean, rstd
 
 
-def _bwd_programs(n_units: int, tile: Tile, device: torch.device) -> int:
-    """The persistent backward grid: a full GPU's worth of programs, never more than there are row blocks."""
+def _bwd_programs(n_units: int, n_cols: int, tile: Tile, device: torch.device) -> int:
+    """The persistent backward grid: a full GPU's worth of programs, never more than there are row blocks, and
+    few enough that every partial dw/db row starts below 2**31 elements (the kernels offset them by pid * n_cols
+    in 32 bits, which keeps their loops lean; only rows of millions of columns meet this cap)."""
     if device.type != "cuda" or _backend.triton_interpreter_enabled():
-        return max(1, min(n_units, INTERPRETER_BWD_PROGRAMS))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_units, tile.programs_per_sm * sms))
+        programs = min(n_units, INTERPRETER_BWD_PROGRAMS)
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        programs = min(n_units, tile.programs_per_sm * sms)
+    return max(1, min(programs, 2**31 // max(1, n_cols)))
 
 
 def backward(op: str, dy: torch.Tensor, dh: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor | None,
@@ -463,7 +467,7 @@ def backward(op: str, dy: torch.Tensor, dh: torch.Tensor | None, x: torch.Tensor
     arch = config_arch(x.device)
     configs = NORM_CONFIGS[arch]
     name, tile, looped = pick_tile(n_cols, configs, backward=True)
-    programs = _bwd_programs(n_rows if looped else triton.cdiv(n_rows, tile.block_r), tile, x.device)
+    programs = _bwd_programs(n_rows if looped else triton.cdiv(n_rows, tile.block_r), n_cols, tile, x.device)
     launch = {**_launch_record(arch, name, tile), "programs": programs}
     # The looped kernel adds into its partial rows, so they start at zero; the single-pass one writes them whole.
     alloc = torch.zeros if looped else torch.empty

@@ -75,7 +75,8 @@ def _rotate_heads(x_ptr, o_ptr, b, s, h0, n_heads, half, pass_end,
                   cos_row, sin_row, c_sd, cos_cols, conjugate,
                   BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, INTERLEAVED: tl.constexpr,
                   COS_FULL: tl.constexpr):
-    """Rotate heads [h0, h0 + BLOCK_H) of one token; copy channels [2 * half, pass_end) through."""
+    """Rotate heads [h0, h0 + BLOCK_H) of one token; copy channels [2 * half, pass_end) through. The row starts
+    are 64-bit (``b`` and ``s`` arrive as int64); channel offsets are 32-bit (``_launch`` guarantees they fit)."""
     heads = h0 + tl.arange(0, BLOCK_H)
     h_ok = heads < n_heads
     x_row = x_ptr + (b * x_sb + s * x_ss + heads.to(tl.int64) * x_sh)
@@ -171,6 +172,10 @@ def _launch(pairs: list[tuple[torch.Tensor, torch.Tensor]], cos: torch.Tensor, s
     batch, seqlen = q.shape[0], q.shape[1]
     if batch * seqlen == 0 or q.shape[2] + (k.shape[2] if len(pairs) == 2 else 0) == 0:
         return
+    if not all(_channels_fit(t) for t in (q, qo, k, ko, cos, sin)):
+        _launch_dense(pairs, cos, sin, cos_batch_stride, positions, pos_mode, offset, n_pos, half,
+                      interleaved=interleaved, cos_full=cos_full, conjugate=conjugate, name=name)
+        return
     cfg_name, cfg = pick_config(half, q.device)
     n_q_blocks = triton.cdiv(q.shape[2], cfg["BLOCK_H"])
     n_k_blocks = triton.cdiv(k.shape[2], cfg["BLOCK_H"]) if len(pairs) == 2 else 0
@@ -190,6 +195,38 @@ def _launch(pairs: list[tuple[torch.Tensor, torch.Tensor]], cos: torch.Tensor, s
         BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K"], INTERLEAVED=interleaved, COS_FULL=cos_full,
         num_warps=cfg["num_warps"],
     )
+
+
+def _channels_fit(t: torch.Tensor) -> bool:
+    """Whether ``t``'s channel offsets (channel index x channel stride) fit the kernel's 32-bit arithmetic, which
+    keeps its inner loop cheap; token, batch and head offsets are 64-bit."""
+    return (t.shape[-1] - 1) * abs(t.stride(-1)) < 2**31
+
+
+def _launch_dense(pairs: list[tuple[torch.Tensor, torch.Tensor]], cos: torch.Tensor, sin: torch.Tensor,
+                  cos_batch_stride: int, positions: torch.Tensor | None, pos_mode: int, offset: int, n_pos: int,
+                  half: int, **flags) -> None:
+    """:func:`_launch` for tensors whose channels lie 2**31 or more elements apart (the channel dim outermost in a
+    huge tensor, a transposed table): rotate dense copies of those, then write the results back."""
+    if not (_channels_fit(cos) and _channels_fit(sin)):
+        cos, sin = cos.contiguous(), sin.contiguous()
+        cos_batch_stride = cos.stride(0) if cos_batch_stride else 0
+    dense_pairs, write_back = [], []
+    for src, dst in pairs:
+        if _channels_fit(src) and _channels_fit(dst):
+            dense_pairs.append((src, dst))
+            continue
+        dense_src = src if _channels_fit(src) else src.contiguous()
+        if dst.data_ptr() == src.data_ptr():  # in place: rotate the copy in place
+            dense_dst = dense_src
+        else:
+            dense_dst = dst if _channels_fit(dst) else torch.empty_like(dense_src)
+        dense_pairs.append((dense_src, dense_dst))
+        if dense_dst is not dst:
+            write_back.append((dst, dense_dst))
+    _launch(dense_pairs, cos, sin, cos_batch_stride, positions, pos_mode, offset, n_pos, half, **flags)
+    for dst, dense_dst in write_back:
+        dst.copy_(dense_dst)
 
 
 def _check_positions(positions: torch.Tensor, extra: int, n_pos: int, what: str) -> None:
