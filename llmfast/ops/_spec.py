@@ -17,7 +17,7 @@ import contextlib
 import contextvars
 import dataclasses
 import inspect
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 DIVISIBILITY_16 = [["tt.divisibility", 16]]
 
@@ -132,8 +132,16 @@ class CapturedLaunch:
         values.update({k: v for k, v in self.kwargs.items() if k not in self._OPTIONS})
         return {k: v.dtype if isinstance(v, torch.Tensor) else v for k, v in values.items()}
 
-    def option(self, name: str, default: int) -> int:
-        return int(self.kwargs.get(name, default))
+    def option(self, name: str, default: int | None = None) -> int:
+        """A launch option (``num_warps``, ``num_stages``...) as passed, else ``default``, else Triton's own default
+        for the option (what the launch gets when it passes none: ``num_stages=3`` on CUDA)."""
+        if name in self.kwargs:
+            return int(self.kwargs[name])
+        if default is not None:
+            return default
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        return int(CUDAOptions.__dataclass_fields__[name].default)
 
 
 _captured: contextvars.ContextVar[list | None] = contextvars.ContextVar("llmfast_captured_launches", default=None)
@@ -170,15 +178,31 @@ def capture_launches() -> Iterator[list[CapturedLaunch]]:
         _backend._last_launch_configs.update(configs)
 
 
+def captured_launches(host: Callable[[], object], arch: str) -> list[CapturedLaunch]:
+    """The launches ``host()`` makes with ``arch``'s configs, recorded instead of run: ``host`` calls an op's real
+    launch code on ``meta`` tensors, so the compile check builds the arguments that code passes."""
+    from llmfast.ops._arch import forced_config_arch
+
+    with forced_config_arch(arch), capture_launches() as calls:
+        host()
+    return calls
+
+
+def launch_spec(kernel: str, call: CapturedLaunch, config: str, **fields: Any) -> KernelSpec:
+    """The spec of one captured launch: its kernel, arguments and options (Triton's defaults for options the launch
+    leaves out, as the launcher would use them); ``fields`` add ``arches``, ``matrix``..."""
+    return KernelSpec(kernel, call.kernel, config=config, num_warps=call.option("num_warps"),
+                      num_stages=call.option("num_stages"), launch_args=call.launch_args(), **fields)
+
+
 def triton_signature(fn: Any, pointers: dict[str, str], floats: Sequence[str],
                      ones: Sequence[str]) -> tuple[dict[str, str], dict[str, int]]:
     """``triton.compile`` signature of ``fn``: pointers as given, ``floats`` fp32, other ints i32, and ``ones``
     specialised to the constant 1 (Triton does that to an int argument equal to 1, such as a unit column stride).
     Returns the signature and the constants it fixed."""
-    constexpr_names = {p.name for p in fn.params if p.is_constexpr}
     signature, constants = {}, {}
-    for name in fn.arg_names:
-        if name in constexpr_names:
+    for name, is_constexpr, *_ in _params(fn):  # JIT and interpreted functions alike
+        if is_constexpr:
             signature[name] = "constexpr"
         elif name in pointers:
             signature[name] = pointers[name]
