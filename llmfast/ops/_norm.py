@@ -30,7 +30,7 @@ Every launch's tiles come from ``NORM_CONFIGS[config_arch(device)]``, the one pl
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -38,7 +38,7 @@ import triton.language as tl
 
 from llmfast import _backend, _validation
 from llmfast.ops._arch import config_arch
-from llmfast.ops._spec import KernelSpec, triton_signature
+from llmfast.ops._spec import KernelSpec, captured_launches, launch, launch_spec
 from llmfast.ops.softmax import cast_out
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -81,22 +81,24 @@ def _tiles(entries: Sequence[tuple[int, ...]]) -> dict[str, Tile]:
 
 
 # GPUs: short rows several to a program (2048 elements per program up to 1024 columns), then one row per program
-# with more warps as rows grow (16-32 values per thread). The backward keeps x, dy, the weight and the fp32
+# with more warps as rows grow (8-32 values per thread). The backward keeps x, dy, the weight and the fp32
 # weight-gradient accumulator live: at 16384 columns that is 128 fp32 values per thread even on 16 warps, which
 # spills (32 warps cap a thread at 64 registers), so backward rows beyond 8192 columns take the looped kernel.
 # Checked spill-free on sm_80 and sm_90 by compile_check; speed tuning on real GPUs is still to do.
 # Rows of 64 columns or fewer (backward: 128) run on 8 warps: with several short rows per thread, ptxas spilled a
-# few bytes at 4.
+# few bytes at 4. 8192 columns run on 32 warps (8 values a thread, about 30 registers): on 16 warps ptxas gave the
+# fp32 RMSNorm 32 registers and spilled 16 bytes on sm_80 (compile_check, with the launch's specialization).
 _GPU_FWD = _tiles([(128, 16, 8), (64, 32, 8), (32, 64, 8), (16, 128, 4), (8, 256, 4), (4, 512, 4), (2, 1024, 4),
-                   (1, 2048, 4), (1, 4096, 8), (1, 8192, 16), (1, 16384, 16)])
+                   (1, 2048, 4), (1, 4096, 8), (1, 8192, 32), (1, 16384, 16)])
 # The backward grid is persistent (each program walks many rows), so it is sized to what fits on the GPU at once:
-# (rows, columns, warps, programs per SM), the last from the registers a thread needs (65536 per SM) when rows
-# are 16-byte aligned, the common case that vectorises loads: at most 64 up to 128 columns on 8 warps, 80 for
-# 256-1024 columns on 4 warps, 80 (RMSNorm) to 123 (LayerNorm, two accumulators) at 2048 and 4096, 95-128 at
-# 8192 on 16 warps, 63-79 in the looped kernel. Where LayerNorm fits fewer, its extra programs only queue; so do
-# the unaligned worst case's (compile_check builds that one, up to 164 registers).
+# (rows, columns, warps, programs per SM), the last from the registers a thread needs (65536 per SM) in the
+# launch compile_check builds (aligned rows, Triton's launch specialization, 3 stages): at most 48 up to 128
+# columns on 8 warps, 80 for 256-1024 columns on 4 warps, 80-96 (RMSNorm) and 118-128 (LayerNorm, two
+# accumulators) at 2048 on 4 warps, 80-106 and 117-128 at 4096 on 8 warps, 106-128 at 8192 on 16 warps, 63-80 in
+# the looped kernel. Where LayerNorm fits fewer (4 at 2048), its extra programs only queue; so do those of
+# unaligned rows, which vectorise nothing and need more.
 _GPU_BWD = _tiles([(64, 16, 8, 4), (32, 32, 8, 4), (16, 64, 8, 4), (8, 128, 8, 4), (4, 256, 4, 6), (2, 512, 4, 6),
-                   (1, 1024, 4, 6), (1, 2048, 4, 6), (1, 4096, 8, 3), (1, 8192, 16, 1)])
+                   (1, 1024, 4, 6), (1, 2048, 4, 5), (1, 4096, 8, 2), (1, 8192, 16, 1)])
 _GPU = NormConfigs(fwd_tiles=_GPU_FWD, bwd_tiles=_GPU_BWD, looped=Tile(1, 4096, 8, 3), max_single_pass=16384,
                    max_single_pass_bwd=8192)
 NORM_CONFIGS: dict[str, NormConfigs] = {
@@ -425,18 +427,18 @@ def forward(op: str, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
     rr = as_rows(residual, n_cols) if residual is not None else xr
     arch = config_arch(x.device)
     name, tile, looped = pick_tile(n_cols, NORM_CONFIGS[arch], backward=False)
-    launch = _launch_record(arch, name, tile)
+    record = _launch_record(arch, name, tile)
     args = (y, h if h is not None else y, xr, rr, weight if weight is not None else xr,
             bias if bias is not None else xr, mean if mean is not None else rstd, rstd,
             n_rows, n_cols, xr.stride(0), _col_stride(xr), rr.stride(0), _col_stride(rr), float(eps), float(offset))
     flags = dict(RMS=rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
                  HAS_BIAS=bias is not None)
     if looped:
-        _backend.record_kernel_launch(f"{op}_fwd_looped", launch)
-        _norm_fwd_looped_kernel[(n_rows,)](*args, BLOCK_C=tile.block_c, **flags, num_warps=tile.num_warps)
+        _backend.record_kernel_launch(f"{op}_fwd_looped", record)
+        launch(_norm_fwd_looped_kernel, (n_rows,))(*args, BLOCK_C=tile.block_c, **flags, num_warps=tile.num_warps)
     else:
-        _backend.record_kernel_launch(f"{op}_fwd", launch)
-        _norm_fwd_kernel[(triton.cdiv(n_rows, tile.block_r),)](
+        _backend.record_kernel_launch(f"{op}_fwd", record)
+        launch(_norm_fwd_kernel, (triton.cdiv(n_rows, tile.block_r),))(
             *args, BLOCK_R=tile.block_r, BLOCK_C=tile.block_c, **flags, num_warps=tile.num_warps)
     return y, h, mean, rstd
 
@@ -468,7 +470,7 @@ def backward(op: str, dy: torch.Tensor, dh: torch.Tensor | None, x: torch.Tensor
     configs = NORM_CONFIGS[arch]
     name, tile, looped = pick_tile(n_cols, configs, backward=True)
     programs = _bwd_programs(n_rows if looped else triton.cdiv(n_rows, tile.block_r), n_cols, tile, x.device)
-    launch = {**_launch_record(arch, name, tile), "programs": programs}
+    record = {**_launch_record(arch, name, tile), "programs": programs}
     # The looped kernel adds into its partial rows, so they start at zero; the single-pass one writes them whole.
     alloc = torch.zeros if looped else torch.empty
     dw = alloc((programs, n_cols), dtype=torch.float32, device=x.device) if weight_needs_grad else None
@@ -480,12 +482,12 @@ def backward(op: str, dy: torch.Tensor, dh: torch.Tensor | None, x: torch.Tensor
     flags = dict(RMS=rms, HAS_WEIGHT=weight is not None, HAS_DH=dh is not None, COMPUTE_DW=dw is not None,
                  COMPUTE_DB=db is not None)
     if looped:
-        _backend.record_kernel_launch(f"{op}_bwd_looped", launch)
-        _norm_bwd_looped_kernel[(programs,)](*args, BLOCK_C=tile.block_c, **flags, num_warps=tile.num_warps)
+        _backend.record_kernel_launch(f"{op}_bwd_looped", record)
+        launch(_norm_bwd_looped_kernel, (programs,))(*args, BLOCK_C=tile.block_c, **flags, num_warps=tile.num_warps)
     else:
-        _backend.record_kernel_launch(f"{op}_bwd", launch)
-        _norm_bwd_kernel[(programs,)](*args, BLOCK_R=tile.block_r, BLOCK_C=tile.block_c, **flags,
-                                      num_warps=tile.num_warps)
+        _backend.record_kernel_launch(f"{op}_bwd", record)
+        launch(_norm_bwd_kernel, (programs,))(*args, BLOCK_R=tile.block_r, BLOCK_C=tile.block_c, **flags,
+                                              num_warps=tile.num_warps)
     # Summing the partial rows in a fixed order keeps the weight gradient deterministic.
     return dx, (dw.sum(0) if dw is not None else None), (db.sum(0) if db is not None else None)
 
@@ -533,45 +535,45 @@ def uses_torch(*tensors: torch.Tensor | None) -> bool:
 # Input dtypes compile_check builds: fp32 (32-bit loads, the register-heaviest) and bf16 (16-bit loads and
 # conversions; fp16 takes the same code path with another conversion instruction).
 COMPILE_DTYPES = ("bf16", "fp32")
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The representative launch: 4096 rows (a batch of sequences: a multiple of 16) of contiguous, aligned rows whose
+# width is the tile's (a power of two, so 16-divisible like a model's hidden size); the looped kernels at twice the
+# widest single-pass row.
+COMPILE_ROWS = 4096
+_FLAGS = ("HAS_RESIDUAL", "HAS_WEIGHT", "HAS_BIAS", "HAS_DH", "COMPUTE_DW", "COMPUTE_DB")
+_GPU_ARCHES = {"sm80": 80, "sm90": 90}
 
 
-def compile_specs_for(op: str, fwd_variants: Sequence[dict], bwd_variants: Sequence[dict], *,
-                      dtypes: Sequence[str] = COMPILE_DTYPES, fwd_pointers: dict[str, str] | None = None,
-                      bwd_pointers: dict[str, str] | None = None, suffix: str = "") -> list[KernelSpec]:
-    """Every forward/backward kernel at every tile of every GPU architecture, per variant (constexpr flags) and
-    input dtype (``*_pointers`` override some pointers' types, named by ``suffix``). Architectures sharing one
+def compile_specs_for(op: str, fwd_hosts: Sequence[Callable[[torch.Tensor], object]],
+                      bwd_hosts: Sequence[Callable[[torch.Tensor], object]], *,
+                      dtypes: Sequence[str] = COMPILE_DTYPES, suffix: str = "") -> list[KernelSpec]:
+    """Every forward/backward kernel at every tile of every GPU architecture, per variant and input dtype, each
+    built from the launch the op's own code makes: a host function gets a ``meta`` input ``x`` of
+    ``(COMPILE_ROWS, width)`` and calls the op's forward (backward) implementation on it, whose kernel launch is
+    captured (``llmfast.ops._spec.capture_launches``) with its arguments, so the compile check gives it Triton's
+    launch specialization. Kernel names carry the variant's flags (and ``suffix``); architectures sharing one
     config table compile once for all of them."""
     specs: list[KernelSpec] = []
-    gpu_arches = {"sm80": 80, "sm90": 90}
-    tables: dict[int, list[int]] = {}
-    for name, arch in gpu_arches.items():
-        tables.setdefault(id(NORM_CONFIGS[name]), []).append(arch)
-    for table_id, arches in tables.items():
-        configs = next(NORM_CONFIGS[n] for n in gpu_arches if id(NORM_CONFIGS[n]) == table_id)
-        only = None if len(arches) == len(gpu_arches) else tuple(arches)
-        for t in dtypes:
-            # fwd: the output in x's dtype; bwd: dx in x's dtype, fp32 partial sums and statistics.
-            fwd_ptrs = {"y_ptr": f"*{t}", "h_ptr": f"*{t}", "x_ptr": f"*{t}", "r_ptr": f"*{t}", "w_ptr": f"*{t}",
-                        "b_ptr": f"*{t}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32"}
-            bwd_ptrs = {"dx_ptr": f"*{t}", "dw_ptr": "*fp32", "db_ptr": "*fp32", "x_ptr": f"*{t}",
-                        "dy_ptr": f"*{t}", "dh_ptr": f"*{t}", "w_ptr": f"*{t}", "mean_ptr": "*fp32",
-                        "rstd_ptr": "*fp32"}
-            fwd_ptrs.update(fwd_pointers or {})
-            bwd_ptrs.update(bwd_pointers or {})
-            kernels = [("fwd", _norm_fwd_kernel, _norm_fwd_looped_kernel, configs.fwd_tiles, fwd_ptrs,
-                        ("x_s_col", "r_s_col"), ("eps", "offset"), fwd_variants),
-                       ("bwd", _norm_bwd_kernel, _norm_bwd_looped_kernel, configs.bwd_tiles, bwd_ptrs,
-                        ("x_s_col", "dy_s_col", "dh_s_col"), ("offset",), bwd_variants)]
-            for kind, single, looped, tiles, ptrs, ones, floats, variants in kernels:
-                for variant in variants:
-                    flags = "".join(f"_{k.lower().replace('has_', '').replace('compute_', '')}"
-                                    for k, v in variant.items() if v and k != "RMS")
-                    for cfg, tile in [*tiles.items(), ("looped", configs.looped)]:
-                        fn = looped if cfg == "looped" else single
-                        sig, consts = triton_signature(fn, ptrs, floats, ones)
-                        consts.update(BLOCK_C=tile.block_c, **variant)
-                        if fn is single:
-                            consts["BLOCK_R"] = tile.block_r
-                        specs.append(KernelSpec(f"{op}_{kind}{flags}{suffix}", fn, sig, consts, f"{cfg}_{t}",
-                                                num_warps=tile.num_warps, arches=only))
+    groups: dict[int, list[str]] = {}
+    for name in _GPU_ARCHES:
+        groups.setdefault(id(NORM_CONFIGS[name]), []).append(name)
+    for names in groups.values():
+        configs = NORM_CONFIGS[names[0]]
+        only = None if len(names) == len(_GPU_ARCHES) else tuple(_GPU_ARCHES[n] for n in names)
+        for kind, hosts, tiles, widest in (("fwd", fwd_hosts, configs.fwd_tiles, configs.max_single_pass),
+                                           ("bwd", bwd_hosts, configs.bwd_tiles, configs.max_single_pass_bwd)):
+            widths = {cfg: (tile, tile.block_c) for cfg, tile in tiles.items()}
+            widths["looped"] = (configs.looped, 2 * widest)
+            for t in dtypes:
+                for host in hosts:
+                    for cfg, (tile, n_cols) in widths.items():
+                        x = torch.empty(COMPILE_ROWS, n_cols, dtype=_TORCH_DTYPES[t], device="meta")
+                        for call in captured_launches(lambda: host(x), names[0]):
+                            args = call.launch_args()
+                            if args["BLOCK_C"] != tile.block_c or call.option("num_warps") != tile.num_warps:
+                                raise AssertionError(f"{op} {kind} at {n_cols} columns did not launch tile {cfg}")
+                            flags = "".join(f"_{k.lower().replace('has_', '').replace('compute_', '')}"
+                                            for k in _FLAGS if args.get(k))
+                            specs.append(launch_spec(f"{op}_{kind}{flags}{suffix}", call, f"{cfg}_{t}",
+                                                     arches=only))
     return specs

@@ -32,6 +32,12 @@ from llmfast.reference import layer_norm as reference
                                 "-> (Tensor, Tensor, Tensor)")
 def _layer_norm_forward(x, weight, bias, norm_ndim, eps):
     """(y, mean, rstd): statistics fp32 of shape x.shape[:-norm_ndim]."""
+    return _forward_impl(x, weight, bias, norm_ndim, eps)
+
+
+def _forward_impl(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, norm_ndim: int,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward custom op's body (also what compile_specs runs on meta tensors to capture its launches)."""
     n_cols = math.prod(x.shape[x.dim() - norm_ndim:])
     y, _, mean, rstd = _norm.forward("layer_norm", x, weight, bias, None, n_cols, eps, 0.0, x.dtype, rms=False)
     lead = x.shape[:x.dim() - norm_ndim]
@@ -50,6 +56,13 @@ def _layer_norm_forward_fake(x, weight, bias, norm_ndim, eps):
                                 "-> (Tensor, Tensor, Tensor)")
 def _layer_norm_backward(dy, x, weight, mean, rstd, norm_ndim, weight_needs_grad, bias_needs_grad, bias_dtype):
     """(dx, dweight, dbias) in their parameters' shapes and dtypes; empty tensors where not asked for."""
+    return _backward_impl(dy, x, weight, mean, rstd, norm_ndim, weight_needs_grad, bias_needs_grad, bias_dtype)
+
+
+def _backward_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
+                   rstd: torch.Tensor, norm_ndim: int, weight_needs_grad: bool, bias_needs_grad: bool,
+                   bias_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward custom op's body (also run by compile_specs on meta tensors)."""
     norm_shape = x.shape[x.dim() - norm_ndim:]
     want_dw = weight_needs_grad and weight is not None
     dx, dw, db = _norm.backward("layer_norm", dy, None, x, weight, mean.reshape(-1), rstd.reshape(-1),
@@ -138,7 +151,16 @@ def layer_norm(x: torch.Tensor, normalized_shape: int | Sequence[int], weight: t
 
 
 def compile_specs() -> list[KernelSpec]:
-    """Forward with weight and bias, backward with both gradients (the register-heaviest variants)."""
-    fwd = [dict(RMS=False, HAS_RESIDUAL=False, HAS_WEIGHT=True, HAS_BIAS=True)]
-    bwd = [dict(RMS=False, HAS_WEIGHT=True, HAS_DH=False, COMPUTE_DW=True, COMPUTE_DB=True)]
-    return _norm.compile_specs_for("layer_norm", fwd, bwd)
+    """Forward with weight and bias, backward with both gradients (the register-heaviest variants), each captured
+    from this module's own launch code (see ``_norm.compile_specs_for``)."""
+
+    def forward(x: torch.Tensor) -> None:
+        weight, bias = (torch.empty(x.shape[-1], dtype=x.dtype, device=x.device) for _ in range(2))
+        _forward_impl(x, weight, bias, 1, 1e-5)
+
+    def backward(x: torch.Tensor) -> None:
+        weight = torch.empty(x.shape[-1], dtype=x.dtype, device=x.device)
+        mean, rstd = (torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device) for _ in range(2))
+        _backward_impl(torch.empty_like(x), x, weight, mean, rstd, 1, True, True, x.dtype)
+
+    return _norm.compile_specs_for("layer_norm", [forward], [backward])

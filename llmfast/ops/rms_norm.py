@@ -38,6 +38,12 @@ def _out_dtype(x: torch.Tensor, weight: torch.Tensor | None) -> torch.dtype:
                                 "-> (Tensor, Tensor, Tensor)")
 def _rms_norm_forward(x, weight, residual, eps, offset):
     """(y, h, rstd): h = x + residual (an empty tensor without residual), rstd fp32 of shape x.shape[:-1]."""
+    return _forward_impl(x, weight, residual, eps, offset)
+
+
+def _forward_impl(x: torch.Tensor, weight: torch.Tensor | None, residual: torch.Tensor | None, eps: float,
+                  offset: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward custom op's body (also what compile_specs runs on meta tensors to capture its launches)."""
     y, h, _, rstd = _norm.forward("rms_norm", x, weight, None, residual, x.shape[-1], eps, offset,
                                   _out_dtype(x, weight), rms=True)
     return y, (h if h is not None else x.new_empty(0)), rstd.view(x.shape[:-1])
@@ -55,6 +61,12 @@ def _rms_norm_forward_fake(x, weight, residual, eps, offset):
                                 "bool weight_needs_grad) -> (Tensor, Tensor)")
 def _rms_norm_backward(dy, dh, x, weight, rstd, offset, weight_needs_grad):
     """(dx, dweight): dweight in weight's dtype, an empty tensor when not asked for."""
+    return _backward_impl(dy, dh, x, weight, rstd, offset, weight_needs_grad)
+
+
+def _backward_impl(dy: torch.Tensor, dh: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor | None,
+                   rstd: torch.Tensor, offset: float, weight_needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward custom op's body (also run by compile_specs on meta tensors)."""
     want_dw = weight_needs_grad and weight is not None
     dx, dw, _ = _norm.backward("rms_norm", dy, dh, x, weight, None, rstd.reshape(-1), x.shape[-1], offset,
                                want_dw, False, rms=True)
@@ -161,12 +173,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, *,
 def compile_specs() -> list[KernelSpec]:
     """Forward with and without the residual, backward with and without dh; always with a weight and its
     gradient (the register-heaviest variants; without them the kernels only lose work); and bf16 inputs with an
-    fp32 weight."""
-    fwd = [dict(RMS=True, HAS_RESIDUAL=r, HAS_WEIGHT=True, HAS_BIAS=False) for r in (False, True)]
-    bwd = [dict(RMS=True, HAS_WEIGHT=True, HAS_DH=dh, COMPUTE_DW=True, COMPUTE_DB=False) for dh in (False, True)]
-    # Mixed precision (bf16 activations, fp32 weights, as under autocast): the output, and so dy, is fp32.
-    mixed_fwd = {"y_ptr": "*fp32", "w_ptr": "*fp32"}
-    mixed_bwd = {"dy_ptr": "*fp32", "w_ptr": "*fp32"}
-    return (_norm.compile_specs_for("rms_norm", fwd, bwd)
-            + _norm.compile_specs_for("rms_norm", fwd[:1], bwd[:1], dtypes=("bf16",), fwd_pointers=mixed_fwd,
-                                      bwd_pointers=mixed_bwd, suffix="_fp32_weight"))
+    fp32 weight. Each is captured from this module's own launch code (see ``_norm.compile_specs_for``)."""
+
+    def forward(residual: bool, weight_dtype: torch.dtype | None = None):
+        def host(x: torch.Tensor) -> None:
+            weight = torch.empty(x.shape[-1], dtype=weight_dtype or x.dtype, device=x.device)
+            _forward_impl(x, weight, torch.empty_like(x) if residual else None, 1e-6, 0.0)
+        return host
+
+    def backward(dh: bool, weight_dtype: torch.dtype | None = None):
+        def host(x: torch.Tensor) -> None:
+            weight = torch.empty(x.shape[-1], dtype=weight_dtype or x.dtype, device=x.device)
+            # dy has the output's dtype: fp32 under mixed precision (bf16 activations, an fp32 weight).
+            dy = torch.empty(x.shape, dtype=_out_dtype(x, weight), device=x.device)
+            rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+            _backward_impl(dy, torch.empty_like(x) if dh else None, x, weight, rstd, 0.0, True)
+        return host
+
+    return (_norm.compile_specs_for("rms_norm", [forward(False), forward(True)], [backward(False), backward(True)])
+            + _norm.compile_specs_for("rms_norm", [forward(False, torch.float32)], [backward(False, torch.float32)],
+                                      dtypes=("bf16",), suffix="_fp32_weight"))
