@@ -194,5 +194,7 @@ def test_every_launchable_config_is_compile_checked(arch):
     for kind in ("fwd", "bwd"):
         for activation in ops.ACTIVATIONS:
             for t in ("bf16", "fp16", "fp32"):
+                cfg = ops.GATED_CONFIGS[arch][kind]
                 assert any(s.kernel == f"{activation}_gated_{kind}" and s.config == f"{kind}_{t}"
-                           and s.constexprs["BLOCK"] == ops.GATED_CONFIGS[arch][kind]["BLOCK"] for s in specs)
+                           and s.launch_args["BLOCK"] == cfg["BLOCK"] and s.num_warps == cfg["num_warps"]
+                           for s in specs)

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from llmfast import _backend, _validation
 from llmfast.ops._arch import config_arch
-from llmfast.ops._spec import KernelSpec
+from llmfast.ops._spec import KernelSpec, captured_launches, launch, launch_spec
 from llmfast.ops.softmax import cast_out
 from llmfast.reference import rotary as reference
 
@@ -186,7 +186,7 @@ def _launch(pairs: list[tuple[torch.Tensor, torch.Tensor]], cos: torch.Tensor, s
         positions = torch.empty(1, dtype=torch.int64, device=q.device)
     pos_strides = (positions.stride(0), positions.stride(1) if positions.dim() == 2 else 0)
     _backend.record_kernel_launch(name, {"config": cfg_name, **cfg})
-    _rotary_kernel[(batch * seqlen, n_q_blocks + n_k_blocks)](
+    launch(_rotary_kernel, (batch * seqlen, n_q_blocks + n_k_blocks))(
         q, qo, k, ko, cos, sin, positions,
         seqlen, q.shape[2], k.shape[2], n_q_blocks, half, pass_end_q, pass_end_k, n_pos,
         *q.stride(), *qo.stride(), *k.stride(), *ko.stride(),
@@ -524,41 +524,51 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
 # Compile check
 # ----------------------------------------------------------------------------------------------------------------
 
-COMPILE_DTYPES = ("bf16", "fp32")
+COMPILE_DTYPES = (torch.bfloat16, torch.float32)
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # (variant, INTERLEAVED, COS_FULL): flash-attn halves, flash-attn interleaved, Hugging Face (full-width tables).
 _VARIANTS = (("rotary", False, False), ("rotary_interleaved", True, False), ("rotary_qk", False, True))
-_ONE_STRIDES = ("q_sd", "qo_sd", "k_sd", "ko_sd", "c_sd")
+# The representative launch: a batch of 2 sequences of 1024 tokens, 32 query and 8 key/value heads, full rotary
+# on a head dim of twice the config's pairs (k64: head dim 128), contiguous tensors (flash-attn's (B, S, H, D),
+# Hugging Face's (B, H, S, D) with (B, S, D) tables): every size and stride 16-divisible, channel strides 1.
+_BATCH, _SEQLEN, _HEADS_Q, _HEADS_K = 2, 1024, 32, 8
+_CONFIG_PAIRS = {"k16": 16, "k32": 32, "k64": 64}
+
+
+def _compile_call(variant: str, interleaved: bool, dtype: torch.dtype, cos_dtype: torch.dtype, half: int) -> None:
+    """One forward call of ``variant`` through the launch code, on ``meta`` tensors (backward launches the same
+    kernel with another runtime ``conjugate``, the same binary)."""
+    meta = dict(device="meta", dtype=dtype)
+    head_dim = 2 * half
+    if variant == "rotary_qk":
+        q = torch.empty(_BATCH, _HEADS_Q, _SEQLEN, head_dim, **meta)
+        k = torch.empty(_BATCH, _HEADS_K, _SEQLEN, head_dim, **meta)
+        cos, sin = (torch.empty(_BATCH, _SEQLEN, head_dim, device="meta", dtype=cos_dtype) for _ in range(2))
+        _hf_launch(q, k, torch.empty_like(q), torch.empty_like(k), cos, sin, None, 1, False)
+    else:
+        x = torch.empty(_BATCH, _SEQLEN, _HEADS_Q, head_dim, **meta)
+        cos, sin = (torch.empty(_SEQLEN, half, device="meta", dtype=cos_dtype) for _ in range(2))
+        _flash_launch(x, torch.empty_like(x), cos, sin, None, 0, interleaved, False)
 
 
 def compile_specs() -> list[KernelSpec]:
     """The rotary kernel at every shipped tile, per variant, x dtype (cos/sin fp32, and x's dtype for the
-    Hugging Face variant whose tables come in the model's dtype) and architecture."""
+    Hugging Face variant whose tables come in the model's dtype) and architecture, each captured from the launch
+    code with the arguments it passes."""
     specs: list[KernelSpec] = []
-    fn = _rotary_kernel
-    constexpr_names = {"BLOCK_H", "BLOCK_K", "INTERLEAVED", "COS_FULL"}
     for arch in ("sm80", "sm90"):
         arch_num = 80 if arch == "sm80" else 90
         for cfg_name, cfg in ROTARY_CONFIGS[arch].items():
+            half = _CONFIG_PAIRS[cfg_name]
             for variant, interleaved, cos_full in _VARIANTS:
-                for t in COMPILE_DTYPES:
-                    for ct in sorted({"fp32", t} if cos_full else {"fp32"}):
-                        signature: dict[str, str] = {}
-                        constants = {"BLOCK_H": cfg["BLOCK_H"], "BLOCK_K": cfg["BLOCK_K"],
-                                     "INTERLEAVED": interleaved, "COS_FULL": cos_full}
-                        for name in fn.arg_names:
-                            if name in constexpr_names:
-                                signature[name] = "constexpr"
-                            elif name in ("q_ptr", "qo_ptr", "k_ptr", "ko_ptr"):
-                                signature[name] = f"*{t}"
-                            elif name in ("cos_ptr", "sin_ptr"):
-                                signature[name] = f"*{ct}"
-                            elif name == "pos_ptr":
-                                signature[name] = "*i64"
-                            elif name in _ONE_STRIDES:
-                                signature[name] = "constexpr"  # unit channel stride, specialised by Triton
-                                constants[name] = 1
-                            else:
-                                signature[name] = "i32"
-                        specs.append(KernelSpec(variant, fn, signature, constants, f"{cfg_name}_{t}_cos{ct}",
-                                                num_warps=cfg["num_warps"], num_stages=1, arches=(arch_num,)))
+                for dtype in COMPILE_DTYPES:
+                    t = _DTYPE_NAMES[dtype]
+                    for cos_dtype in sorted({torch.float32, dtype} if cos_full else {torch.float32}, key=str):
+                        calls = captured_launches(
+                            lambda: _compile_call(variant, interleaved, dtype, cos_dtype, half), arch)
+                        for call in calls:
+                            if call.launch_args()["BLOCK_K"] != cfg["BLOCK_K"]:
+                                raise RuntimeError(f"rotary with {half} pairs did not launch config {cfg_name}")
+                            specs.append(launch_spec(variant, call, f"{cfg_name}_{t}_cos{_DTYPE_NAMES[cos_dtype]}",
+                                                     arches=(arch_num,)))
     return specs

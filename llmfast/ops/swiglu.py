@@ -27,7 +27,7 @@ import triton.language as tl
 
 from llmfast import _backend, _validation
 from llmfast.ops._arch import config_arch
-from llmfast.ops._spec import KernelSpec
+from llmfast.ops._spec import KernelSpec, captured_launches, launch, launch_spec
 from llmfast.ops.softmax import cast_out
 from llmfast.reference import swiglu as reference
 
@@ -150,7 +150,7 @@ def _forward_impl(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torc
     g, u, o = _rows(gate), _rows(up), out.view(-1, gate.shape[-1] if gate.dim() else 1)
     cfg = _config("fwd", gate.device)
     _backend.record_kernel_launch(f"{activation}_gated_fwd", cfg)
-    _gated_fwd_kernel[_grid(g.shape[0], g.shape[1], cfg["BLOCK"])](
+    launch(_gated_fwd_kernel, _grid(g.shape[0], g.shape[1], cfg["BLOCK"]))(
         o, g, u, g.shape[1], o.stride(0), g.stride(0), u.stride(0),
         ACT=ACTIVATIONS[activation], BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
     return out
@@ -167,7 +167,7 @@ def _backward_impl(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activ
     d, g, u = _rows(dy), _rows(gate), _rows(up)
     cfg = _config("bwd", gate.device)
     _backend.record_kernel_launch(f"{activation}_gated_bwd", cfg)
-    _gated_bwd_kernel[_grid(g.shape[0], n_cols, cfg["BLOCK"])](
+    launch(_gated_bwd_kernel, _grid(g.shape[0], n_cols, cfg["BLOCK"]))(
         dg, du, d, g, u, n_cols, dg.stride(0), du.stride(0), d.stride(0), g.stride(0), u.stride(0),
         ACT=ACTIVATIONS[activation], BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
     return dgate, dup
@@ -269,23 +269,26 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> to
 # Compile check
 # ----------------------------------------------------------------------------------------------------------------
 
-COMPILE_DTYPES = ("bf16", "fp16", "fp32")
+COMPILE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# The representative launch: 4096 tokens of a Llama-3-8B MLP (intermediate size 14336), gate and up the two halves
+# of one fused gate_up projection (row stride 2 x 14336, read in place), every size and stride 16-divisible.
+_COMPILE_TOKENS, _COMPILE_COLS = 4096, 14336
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def compile_specs() -> list[KernelSpec]:
-    """Forward and backward kernels per activation, dtype and architecture, at the shipped block sizes."""
+    """Forward and backward kernels per activation, dtype and architecture, each captured from this module's own
+    launch code (``_forward_impl`` / ``_backward_impl`` on ``meta`` tensors) with the arguments it passes."""
     specs: list[KernelSpec] = []
-    kernels = (("fwd", _gated_fwd_kernel, ("out_ptr", "gate_ptr", "up_ptr")),
-               ("bwd", _gated_bwd_kernel, ("dgate_ptr", "dup_ptr", "dy_ptr", "gate_ptr", "up_ptr")))
     for arch in ("sm80", "sm90"):
-        for kind, fn, pointers in kernels:
-            cfg = GATED_CONFIGS[arch][kind]
-            for activation, code in ACTIVATIONS.items():
-                for t in COMPILE_DTYPES:
-                    signature = {name: (f"*{t}" if name in pointers else "constexpr" if name in ("ACT", "BLOCK")
-                                        else "i32") for name in fn.arg_names}
-                    specs.append(KernelSpec(f"{activation}_gated_{kind}", fn, signature,
-                                            {"ACT": code, "BLOCK": cfg["BLOCK"]}, f"{kind}_{t}",
-                                            num_warps=cfg["num_warps"], num_stages=1,
-                                            arches=(80 if arch == "sm80" else 90,)))
+        for activation in ACTIVATIONS:
+            for dtype in COMPILE_DTYPES:
+                gate_up = torch.empty(_COMPILE_TOKENS, 2 * _COMPILE_COLS, dtype=dtype, device="meta")
+                gate, up = gate_up.chunk(2, dim=-1)
+                dy = torch.empty(_COMPILE_TOKENS, _COMPILE_COLS, dtype=dtype, device="meta")
+                for kind, host in (("fwd", lambda: _forward_impl(gate, up, activation)),
+                                   ("bwd", lambda: _backward_impl(dy, gate, up, activation))):
+                    for call in captured_launches(host, arch):
+                        specs.append(launch_spec(f"{activation}_gated_{kind}", call, f"{kind}_{_DTYPE_NAMES[dtype]}",
+                                                 arches=(80 if arch == "sm80" else 90,)))
     return specs
