@@ -134,6 +134,51 @@ def test_attention_specs_carry_the_launch_arguments_of_the_real_host_code():
     assert any(f.get("group_size", 1) != 1 for f in flags)  # GQA
 
 
+def test_every_spec_carries_its_launch():
+    # Every registered kernel compiles with the launch specialization (none falls back to a bare signature).
+    specs = compile_check.collect_specs()
+    assert specs and [s for s in specs if s.launch_args is None] == []
+
+
+def test_norm_specs_are_captured_from_the_ops_launch_code():
+    from llmfast.ops import _norm, layer_norm, rms_norm
+
+    specs = {(s.kernel, s.config): s for s in rms_norm.compile_specs() + layer_norm.compile_specs()}
+    fwd = specs[("rms_norm_fwd_residual_weight", "c4096_bf16")].launch_args
+    tile = _norm.NORM_CONFIGS["sm90"].fwd_tiles["c4096"]
+    assert (fwd["BLOCK_C"], fwd["n_cols"], fwd["x_s_row"], fwd["x_s_col"]) == (4096, 4096, 4096, 1)
+    assert fwd["HAS_RESIDUAL"] and fwd["r_ptr"] == torch.bfloat16 and fwd["n_rows"] % 16 == 0
+    assert specs[("rms_norm_fwd_residual_weight", "c4096_bf16")].num_warps == tile.num_warps
+    # Mixed precision: bf16 x with an fp32 weight writes an fp32 output, and its backward reads an fp32 dy.
+    mixed = specs[("rms_norm_bwd_weight_dw_fp32_weight", "c1024_bf16")].launch_args
+    assert (mixed["x_ptr"], mixed["w_ptr"], mixed["dy_ptr"], mixed["dw_ptr"]) == (
+        torch.bfloat16, torch.float32, torch.float32, torch.float32)
+    looped = specs[("layer_norm_bwd_weight_dw_db", "looped_fp32")]
+    assert looped.fn is _norm._norm_bwd_looped_kernel and looped.launch_args["COMPUTE_DB"]
+    assert looped.launch_args["n_cols"] > _norm.NORM_CONFIGS["sm90"].max_single_pass_bwd
+    # A launch leaving num_stages out gets Triton's default, and so does its spec.
+    assert looped.num_stages == 3
+
+
+def test_rotary_swiglu_and_cross_entropy_specs_are_captured_from_the_launch_code():
+    from llmfast.ops import cross_entropy, rotary, swiglu
+
+    qk = next(s for s in rotary.compile_specs() if s.kernel == "rotary_qk" and s.config == "k64_bf16_cosbf16")
+    assert qk.launch_args["cos_ptr"] == torch.bfloat16 and qk.launch_args["COS_FULL"]
+    assert qk.launch_args["q_sd"] == 1 and qk.launch_args["half"] == 64 and qk.launch_args["n_heads_k"] == 8
+    gated = next(s for s in swiglu.compile_specs() if s.kernel == "silu_gated_bwd" and s.config == "bwd_fp16")
+    assert gated.launch_args["gate_s_row"] == 2 * gated.launch_args["n_cols"]  # halves of a fused gate_up
+    ce = {(s.kernel, s.config): s.launch_args for s in cross_entropy.compile_specs()}
+    # int32 targets are their own build: the target pointer (and the argmax slot it stands in for) change type.
+    assert ce[("cross_entropy_grad_i32", "v4k_bf16")]["target_ptr"] == torch.int32
+    assert ce[("cross_entropy_grad", "v4k_bf16")]["target_ptr"] == torch.int64
+    assert ce[("cross_entropy_grad", "v4k_bf16")]["z_scale_offset"] == 1  # mean's [ce, z] scale pair
+    assert ce[("cross_entropy_grad_all", "v1k_fp32")]["TOKEN_SCALING"]
+    for kernel in ("cross_entropy_shard_stats", "cross_entropy_shard_grad"):
+        args = ce[(kernel, "v4k_fp32")]
+        assert args["HAS_WEIGHT"] and args["HAS_SOFTCAP"] and args["vocab_start"] == args["n_cols"]
+
+
 # ---------------------------------------------------------------------------------------------- real compiles
 
 def test_checker_rejects_a_spilling_config_and_accepts_a_small_one():
