@@ -259,3 +259,66 @@ def test_attention_softcap(benchmark, device, seqlen, head_dim, causal, mode):
         seconds = time_peer(name, attend, q, k, v, mode, device, flops, quick, materialises=False, info=info)
         if seconds is not None and not quick:
             info[f"speedup_vs_{name}"] = seconds / ours
+
+
+# ------------------------------------------------------------------------------------------------- GQA
+# Grouped-query attention at batch 1 (a long-context fine-tuning step): 32 query heads on 4 or 8 KV heads. Here the
+# dK/dV pass has only KV heads x key blocks programs, so llmfast shares each group's query heads over several
+# programs (configs.gqa_group_split); the peer "llmfast_unsplit" forces one program per group, which measures
+# what the split buys. torch's SDPA backends take the grouped K/V with enable_gqa=True.
+GQA_SEQLENS = [1024, 2048, 4096] if CUDA else [256]
+GQA_HEADS = 32 if CUDA else 4
+GQA_KV_HEADS = [4, 8] if CUDA else [2]
+GQA_HEAD_DIM = 128 if CUDA else 64
+
+
+def gqa_peers(causal: bool) -> dict[str, callable]:
+    from llmfast.ops.attention.configs import forced_gqa_split
+
+    def unsplit(q, k, v):
+        with llmfast.backend("auto"), forced_gqa_split(1):
+            return llmfast.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+    peers = {"llmfast_unsplit": unsplit}
+    for name, backend in TORCH_BACKENDS.items():
+        def run(q, k, v, backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        peers[f"torch_{name}"] = run
+    peers["reference"] = lambda q, k, v: reference.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                                                enable_gqa=True)
+    return peers
+
+
+@pytest.mark.parametrize("kv_heads", GQA_KV_HEADS, ids=lambda h: f"kv{h}")
+@pytest.mark.parametrize("seqlen", GQA_SEQLENS, ids=lambda s: f"s{s}")
+def test_attention_gqa(benchmark, device, seqlen, kv_heads):
+    causal, mode = True, "fwd_bwd"
+    q = torch.randn(1, GQA_HEADS, seqlen, GQA_HEAD_DIM, device=device, dtype=DTYPE, requires_grad=True)
+    k, v = (torch.randn(1, kv_heads, seqlen, GQA_HEAD_DIM, device=device, dtype=DTYPE, requires_grad=True)
+            for _ in range(2))
+    flops = attention_flops(1, GQA_HEADS, seqlen, seqlen, GQA_HEAD_DIM, causal, mode)
+    info = benchmark.extra_info
+    info.update(op="attention_gqa", device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                dtype=str(DTYPE).replace("torch.", ""),
+                shape=f"B1 H{GQA_HEADS} Hkv{kv_heads} S{seqlen} D{GQA_HEAD_DIM}", causal=causal, mode=mode,
+                flops=flops)
+
+    def llmfast_attention(q, k, v):
+        return llmfast.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+    with llmfast.backend("auto"):
+        step = make_step(llmfast_attention, q, k, v, mode, device)
+        measure(benchmark, step, warmup=2 if CUDA else 1)
+
+    quick = benchmark.disabled or benchmark.stats is None
+    if not quick:
+        ours = benchmark.stats.stats.median
+        info["tflops"] = flops / ours / 1e12
+    if quick and seqlen != GQA_SEQLENS[0]:
+        return
+    for name, attend in gqa_peers(causal).items():
+        seconds = time_peer(name, attend, q, k, v, mode, device, flops, quick,
+                            materialises=name in ("torch_math", "reference"), info=info)
+        if seconds is not None and not quick:
+            info[f"speedup_vs_{name}"] = seconds / ours

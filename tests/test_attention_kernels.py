@@ -6,6 +6,7 @@ interpreter the tiles are 16 x 16, so sequences of 30-70 tokens cross several bl
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -36,15 +37,18 @@ def within_policy(name, got, want64, want_lowp, atol):
         assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g}"
 
 
-def compare(public, reference, inputs):
+def compare(public, reference, inputs, seed=None):
     """Run ``public`` under backend "triton" and ``reference`` in float64 and the inputs' dtype; compare every
-    output and every input gradient (for a random upstream gradient on each output)."""
+    output and every input gradient (for a random upstream gradient on each output). ``seed``: reseed the RNG
+    before each run, so dropout draws the same seed in all three."""
     dtype = inputs[0].dtype
     runs = {}
     for key, call, cast in (("triton", public, lambda t: t.detach()),  # keeps the strides
                             ("lowp", reference, lambda t: t.detach().clone()),
                             ("exact", reference, lambda t: t.detach().to(F64))):
         leaves = [cast(t).requires_grad_(t.requires_grad) for t in inputs]
+        if seed is not None:
+            torch.manual_seed(seed)
         before = launches()
         with llmfast.backend("triton" if key == "triton" else "reference"):
             outs = call(*leaves)
@@ -174,6 +178,152 @@ def test_backward_is_deterministic_with_gqa():
             results.append(torch.autograd.grad(out, (q, k, v), upstream))
     for first, second in zip(*results):
         assert torch.equal(first, second)
+
+
+# ---------------------------------------------------------------------------------------------- GQA split dK/dV
+
+@pytest.fixture
+def dkdv_splits(monkeypatch):
+    """The group split of every dK/dV launch (the launcher's pick, spied on)."""
+    from llmfast.ops.attention import launch
+
+    picks = []
+
+    def spy(*args):
+        picks.append(launch_split(*args))
+        return picks[-1]
+
+    launch_split = launch.gqa_group_split
+    monkeypatch.setattr(launch, "gqa_group_split", spy)
+    return picks
+
+
+# (dtype, query heads, KV heads, forced split, Sq, Sk, kind): group sizes 2, 3, 4 with splits that divide them,
+# that do not (shares of unequal size) and that exceed them (capped at the group size); one query, prime and
+# off-block lengths.
+GQA_SPLIT_CASES = [
+    (F16, 6, 2, 2, 37, 29, "sdpa-causal"),      # group 3 in shares of 1 and 2, causal top-left
+    (BF16, 8, 2, 3, 1, 23, "sdpa-full"),        # group 4 in shares of 1, 1, 2; a single query
+    (F32, 4, 2, 2, 31, 47, "flash-causal"),     # group 2, one head per share; causal bottom-right
+    (F16, 4, 1, 4, 17, 33, "flash-window"),     # MQA, group 4 in 4; sliding window, LSE gradient
+    (BF16, 3, 1, 5, 19, 41, "softcap-alibi"),   # split 5 capped at group 3
+    (F16, 4, 2, 2, 23, 18, "mask-dropout"),     # additive mask (with gradient) and dropout
+    (F32, 6, 2, 2, 0, 0, "varlen-causal"),      # varlen batch, group 3 in shares of 1 and 2
+    (BF16, 8, 2, 4, 0, 0, "varlen-full"),
+]
+
+
+@pytest.mark.parametrize("dtype,heads,kv_heads,split,seqlen_q,seqlen_k,kind", GQA_SPLIT_CASES, ids=str)
+def test_gqa_split_dkdv_matches_reference(dtype, heads, kv_heads, split, seqlen_q, seqlen_k, kind, dkdv_splits):
+    # The dK/dV pass shares each KV head's query heads over `split` programs (fp32 partials, summed on the host);
+    # every gradient must still match the float64 reference.
+    def rand(*shape):
+        return torch.randn(*shape).to(dtype).requires_grad_()
+
+    seed = None
+    if kind.startswith("varlen"):
+        lengths_q, lengths_k = [1, 19, 5], [7, 23, 1]
+        cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32) for n in (lengths_q, lengths_k))
+        inputs = [rand(sum(lengths_q), heads, 24), rand(sum(lengths_k), kv_heads, 24),
+                  rand(sum(lengths_k), kv_heads, 24)]
+        causal = kind == "varlen-causal"
+
+        def call(q, k, v):
+            return llmfast.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), causal=causal)
+    elif kind.startswith("sdpa"):
+        inputs = [rand(2, heads, seqlen_q, 16), rand(2, kv_heads, seqlen_k, 16), rand(2, kv_heads, seqlen_k, 16)]
+
+        def call(q, k, v):
+            return llmfast.scaled_dot_product_attention(q, k, v, is_causal=kind == "sdpa-causal", enable_gqa=True)
+    elif kind == "mask-dropout":
+        inputs = [rand(1, heads, seqlen_q, 16), rand(1, kv_heads, seqlen_k, 16), rand(1, kv_heads, seqlen_k, 16),
+                  rand(1, heads, seqlen_q, seqlen_k)]
+        seed = 21
+
+        def call(q, k, v, m):
+            return llmfast.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=0.2, enable_gqa=True)
+    else:
+        inputs = [rand(1, seqlen_q, heads, 16), rand(1, seqlen_k, kv_heads, 16), rand(1, seqlen_k, kv_heads, 16)]
+        kwargs = dict(causal=kind != "flash-window", window_size=(9, 4) if kind == "flash-window" else (-1, -1))
+        if kind == "softcap-alibi":
+            kwargs.update(softcap=5.0, alibi_slopes=torch.tensor([0.5, 0.25, 0.125]))
+
+        def call(q, k, v):
+            out, lse, _ = llmfast.flash_attn_func(q, k, v, return_attn_probs=True, **kwargs)
+            return out, lse
+
+    with attn.configs.forced_gqa_split(split):
+        compare(call, call, inputs, seed=seed)
+    assert dkdv_splits == [min(split, heads // kv_heads)]
+
+
+def test_gqa_split_backward_is_deterministic():
+    # The partials are summed in a fixed order: two runs give the same bits.
+    q = torch.randn(1, 6, 24, 16, dtype=BF16, requires_grad=True)
+    k, v = (torch.randn(1, 2, 24, 16, dtype=BF16, requires_grad=True) for _ in range(2))
+    upstream = torch.randn(1, 6, 24, 16, dtype=BF16)
+    results = []
+    with llmfast.backend("triton"), attn.configs.forced_gqa_split(2):
+        for _ in range(2):
+            out = llmfast.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            results.append(torch.autograd.grad(out, (q, k, v), upstream))
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+def _dkdv_launch(arch, batch, heads, kv_heads, seqlen, head_dim=128):
+    """The dK/dV launch (its arguments and grid) a bf16 causal flash-attn call would make under ``arch``'s configs,
+    captured on meta tensors (no memory, nothing runs)."""
+    from llmfast.ops._arch import forced_config_arch
+    from llmfast.ops._spec import capture_launches
+    from llmfast.ops.attention.backward import _attn_bwd_dkdv_kernel
+    from llmfast.ops.attention.launch import _backward_impl
+
+    meta = dict(device="meta", dtype=BF16)
+    q = torch.empty(batch, seqlen, heads, head_dim, **meta)
+    k = torch.empty(batch, seqlen, kv_heads, head_dim, **meta)
+    lse = torch.empty(batch, heads, seqlen, device="meta")
+    with forced_config_arch(arch), capture_launches() as calls:
+        _backward_impl(torch.empty_like(q), None, q, k, k, q, lse, None, None, None, 0, 0, "bshd", 0.1, -1, 0, True,
+                       0.0, None, False)
+    (call,) = [c for c in calls if c.kernel is _attn_bwd_dkdv_kernel]
+    return call.launch_args(), call.grid
+
+
+@pytest.mark.parametrize("arch", ["sm80", "sm90"])
+def test_gqa_split_heuristic_fills_the_gpu_only_when_the_grid_is_small(arch):
+    block_n = attn._config("bwd_dkdv", arch, 128, BF16)["BLOCK_N"]
+    # 32 query heads on 4 KV heads at batch 1, 1024 tokens: 4 x (1024 / BLOCK_N) <= 64 programs, too few for the
+    # 108-132 SMs, so the group is shared out and the grid grows by the split.
+    args, grid = _dkdv_launch(arch, 1, 32, 4, 1024)
+    assert args["group_split"] > 1
+    assert grid == (4 * args["group_split"] * math.ceil(1024 / block_n),)
+    assert args["DK"] == F32  # the fp32 workspace
+    # Batch 8 at 4096 tokens: thousands of programs already, no split, dK/dV written directly.
+    args, grid = _dkdv_launch(arch, 8, 32, 8, 4096)
+    assert args["group_split"] == 1 and args["DK"] == BF16
+    assert grid == (8 * 8 * math.ceil(4096 / block_n),)
+    # No GQA: nothing to split however small the grid.
+    args, _ = _dkdv_launch(arch, 1, 4, 4, 128)
+    assert args["group_split"] == 1
+
+
+def test_gqa_split_heuristic_cost_model_and_bounds():
+    split = attn.configs.gqa_group_split
+    assert split(64, 8, 132, 1) == 2          # 2 x 64 programs fill 132 SMs in one wave of 4 heads each
+    assert split(4, 16, 132, 1) == 16         # MQA on a tiny grid: one head per program
+    assert split(128, 4, 132, 1) == 1         # already about one full wave: splitting only adds waves
+    assert split(132, 8, 132, 1) == 1         # a full grid is never split
+    assert split(4, 16, None, 1) == 1         # the interpreter (no SM count): never unless forced
+    assert split(4, 1, 132, 1) == 1           # no GQA
+    # The fp32 workspace stays under its bound: at most 3 shares of a third of it.
+    assert split(4, 16, 132, attn.configs.GQA_SPLIT_MAX_WORKSPACE_BYTES // 3) == 3
+    with attn.configs.forced_gqa_split(5):
+        assert split(1000, 3, 132, 1) == 3    # forced, capped at the group size
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="split"):
+            with attn.configs.forced_gqa_split(bad):
+                pass
 
 
 def test_empty_inputs():

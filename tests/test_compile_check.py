@@ -132,6 +132,11 @@ def test_attention_specs_carry_the_launch_arguments_of_the_real_host_code():
     assert any(not f.get("HAS_LEFT") and not f.get("HAS_RIGHT") and "HAS_RIGHT" in f for f in flags)
     assert any(f["Q"] == torch.float32 and not f["FP32_IEEE"] for f in flags if "FP32_IEEE" in f)  # TF32
     assert any(f.get("group_size", 1) != 1 for f in flags)  # GQA
+    # GQA's dK/dV pass both ways: a group in one program (dK/dV written directly) and shared over several (fp32
+    # partials in a workspace).
+    dkdv = [f for f in flags if "group_split" in f and f["group_size"] > 1]
+    assert any(f["group_split"] == 1 and f["DK"] == torch.float16 for f in dkdv)
+    assert any(f["group_split"] > 1 and f["DK"] == torch.float32 and f["Q"] != torch.float32 for f in dkdv)
 
 
 def test_every_spec_carries_its_launch():

@@ -10,6 +10,9 @@ Backward (FlashAttention-2 style, no atomics, hence deterministic):
 * ``_attn_bwd_preprocess_kernel``: ``delta = rowsum(dO * O)`` (minus the incoming LSE gradient, if any).
 * ``_attn_bwd_dkdv_kernel``: one program per (batch, KV head, key block); it recomputes ``P`` for every query
   block of every query head of its GQA group, so grouped K/V gradients are summed in registers, not with atomics.
+  When that grid is too small to fill the GPU (few KV heads, small batch), ``group_split`` programs share a
+  group's query heads, each writing fp32 partials to a workspace that the host sums in a fixed order
+  (:func:`configs.gqa_group_split` picks the split).
 * ``_attn_bwd_dq_kernel``: one program per (batch, query head, query block); recomputes ``P`` again for ``dQ``.
 
 Every kernel takes the same masking description: the key range ``[start, end)`` allowed for a query row comes

@@ -1,5 +1,5 @@
-"""The backward kernels (FlashAttention-2 style, no atomics): delta preprocessing, dK/dV per key block, dQ per
-query block."""
+"""The backward kernels (FlashAttention-2 style, no atomics): delta preprocessing, dK/dV per key block (and per
+share of a GQA group, see ``group_split``), dQ per query block."""
 from __future__ import annotations
 
 import triton
@@ -115,19 +115,25 @@ def _attn_bwd_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DK, DV, Mask, CuSeqQ, CuSeqK, Alibi,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-    stride_lb, stride_lh, stride_mb, stride_mh, stride_mm, stride_mn,
-    num_heads, num_kv_heads, group_size, Sq, Sk, qk_scale, sm_scale, window_left, window_right, dropout_p, seed,
-    softcap_in, stride_ab,
+    stride_lb, stride_lh, stride_mb, stride_mh, stride_mm, stride_mn, stride_dks, stride_dvs,
+    num_heads, num_kv_heads, group_size, group_split, Sq, Sk, qk_scale, sm_scale, window_left, window_right,
+    dropout_p, seed, softcap_in, stride_ab,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     DROPOUT: tl.constexpr, WIDE_DROPOUT: tl.constexpr, FP32_IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
 ):
-    # Key blocks innermost: programs launched together read the same query heads' Q and dO (L2 reuse).
+    # Programs ordered (batch, KV head, split, key block), key blocks innermost: programs launched together read
+    # the same query heads' Q and dO (L2 reuse). With group_split > 1 the query heads of one KV head's group are
+    # shared out over group_split programs per key block (a grid of few KV heads fills the GPU): each sums its own
+    # heads into its slice (stride_dks / stride_dvs apart) of an fp32 workspace that the host then sums; no
+    # atomics, so the result stays deterministic. group_split == 1: DK/DV are the gradients, strides 0.
     n_n = tl.cdiv(Sk, BLOCK_N)
-    pid_bh = tl.program_id(0) // n_n
+    pid_bhs = tl.program_id(0) // n_n
     pid_n = tl.program_id(0) % n_n
+    split = pid_bhs % group_split
+    pid_bh = pid_bhs // group_split
     b = pid_bh // num_kv_heads
     kv_h = pid_bh % num_kv_heads
     q_start, seqlen_q = _seq_bounds(CuSeqQ, b, Sq, IS_VARLEN)
@@ -155,8 +161,11 @@ def _attn_bwd_dkdv_kernel(
     last_n = tl.minimum(n_start + BLOCK_N, seqlen_k) - 1
     lo, full_lo, full_hi, hi = _query_range(n_start, last_n, seqlen_q, diag, window_left, window_right, BLOCK_M,
                                             HAS_LEFT, HAS_RIGHT)
-    # Every query head of this KV head's group adds into the same dK/dV registers: GQA without atomics.
-    for g in range(0, group_size):
+    # Every query head of this program's share of the group adds into the same dK/dV registers: GQA without
+    # atomics. The shares [g_lo, g_hi) differ by at most one head when group_split does not divide group_size.
+    g_lo = split * group_size // group_split
+    g_hi = (split + 1) * group_size // group_split
+    for g in range(g_lo, g_hi):
         h = kv_h * group_size + g
         q_row0 = q_start.to(tl.int64)
         q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_row0 * stride_qm
@@ -175,8 +184,9 @@ def _attn_bwd_dkdv_kernel(
 
     dk = dk * sm_scale
     row_ok = offs_n[:, None] < seqlen_k
-    dk_base = DK + b64 * stride_dkb + kv_h64 * stride_dkh + k_row0 * stride_dkn
-    dv_base = DV + b64 * stride_dvb + kv_h64 * stride_dvh + k_row0 * stride_dvn
+    split64 = split.to(tl.int64)
+    dk_base = DK + split64 * stride_dks + b64 * stride_dkb + kv_h64 * stride_dkh + k_row0 * stride_dkn
+    dv_base = DV + split64 * stride_dvs + b64 * stride_dvb + kv_h64 * stride_dvh + k_row0 * stride_dvn
     tl.store(_at64(dk_base, offs_n[:, None], stride_dkn) + offs_d[None, :], _cast(dk, DK.dtype.element_ty),
              mask=row_ok & (offs_d[None, :] < HEAD_D))
     tl.store(_at64(dv_base, offs_n[:, None], stride_dvn) + offs_dv[None, :], _cast(dv, DV.dtype.element_ty),

@@ -2,6 +2,10 @@
 dtype and features)."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
+
 import torch
 import triton
 
@@ -180,3 +184,54 @@ def _config(kernel: str, arch: str, block_d: int, dtype: torch.dtype, extra: boo
 def _block_d(head_dim: int) -> int:
     # tl.dot needs every dimension >= 16; other head dims are padded with masked (zero) lanes.
     return max(16, triton.next_power_of_2(head_dim))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GQA in the dK/dV pass: one program per (batch, KV head, key block) sums the gradients of all the query heads of
+# its KV head's group. With few KV heads and a small batch that grid leaves most SMs idle while each program works
+# group_size times longer (32 query heads on 4 KV heads, batch 1, 2048 keys in 128-row blocks: 4 x 16 = 64
+# programs of 8 query heads each on 132 SMs; split in 2, 128 programs of 4 heads).
+# Then ``group_split`` programs share one group's query heads per key block, each writes an fp32 partial dK/dV
+# (a workspace of group_split x the gradients' size) and the host sums the partials: no atomics, deterministic.
+# ----------------------------------------------------------------------------------------------------------------
+# The workspace never exceeds this (it is small anyway: splitting only happens when the un-split grid has fewer
+# programs than the GPU has SMs, i.e. fewer than ~132 key blocks of 16-128 rows per (batch, KV head) in all).
+GQA_SPLIT_MAX_WORKSPACE_BYTES = 128 << 20
+
+_forced_gqa_split: contextvars.ContextVar[int | None] = contextvars.ContextVar("llmfast_gqa_split", default=None)
+
+
+@contextlib.contextmanager
+def forced_gqa_split(split: int) -> Iterator[None]:
+    """dK/dV launches inside share each GQA group over ``split`` programs (capped at the group size) whatever the
+    heuristic would pick: tests and the compile check reach the split path on small shapes this way."""
+    if isinstance(split, bool) or not isinstance(split, int) or split < 1:
+        raise ValueError(f"split must be a positive int, got {split!r}")
+    token = _forced_gqa_split.set(split)
+    try:
+        yield
+    finally:
+        _forced_gqa_split.reset(token)
+
+
+def gqa_group_split(programs: int, group_size: int, sms: int | None, split_bytes: int) -> int:
+    """How many programs share one KV head's query heads per key block in the dK/dV pass (1: no split).
+
+    ``programs``: the un-split grid (batch x KV heads x key blocks); ``sms``: the SMs to fill (None: the CPU
+    interpreter, never split unless forced); ``split_bytes``: the fp32 workspace one more share costs. Splits only
+    when the un-split grid is smaller than one wave, and then picks the split with the least estimated time,
+    counted as waves (one program per SM: the dK/dV tiles take most of an SM's registers) x query heads per
+    program; ties go to the smaller split (less workspace, a cheaper sum). A split over twice the one that just
+    fills the GPU never pays, nor one whose workspace would pass ``GQA_SPLIT_MAX_WORKSPACE_BYTES``."""
+    forced = _forced_gqa_split.get()
+    if forced is not None:
+        return max(1, min(forced, group_size))
+    if sms is None or group_size <= 1 or programs <= 0 or programs >= sms:
+        return 1
+    limit = min(group_size, 2 * triton.cdiv(sms, programs), GQA_SPLIT_MAX_WORKSPACE_BYTES // max(split_bytes, 1))
+    best, best_cost = 1, group_size  # un-split: one wave of group_size heads each
+    for split in range(2, limit + 1):
+        cost = triton.cdiv(programs * split, sms) * triton.cdiv(group_size, split)
+        if cost < best_cost:
+            best, best_cost = split, cost
+    return best

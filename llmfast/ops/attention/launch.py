@@ -9,11 +9,12 @@ import torch
 import triton
 
 from llmfast import _backend
+from llmfast.ops._arch import multiprocessor_count
 from llmfast.ops._spec import launch
 
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .common import _dropout_mask_kernel
-from .configs import LOG2E, _arch_key, _block_d, _config, autotune_candidates, config_key
+from .configs import LOG2E, _arch_key, _block_d, _config, autotune_candidates, config_key, gqa_group_split
 from .forward import _attn_fwd_kernel
 
 
@@ -254,17 +255,33 @@ def _backward_impl(dout, dlse, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens
     common = (pb.window_left, pb.window_right, pb.dropout_p, pb.seed, pb.softcap_in, pb.alibi_stride)
     name, cfg = pb.config("bwd_dkdv", arch, q.dtype)
     _backend.record_kernel_launch("attention_bwd_dkdv", cfg)
-    run, tile = _tile_launch(_attn_bwd_dkdv_kernel, name, arch, cfg,
-                             lambda meta: (pb.batch * pb.num_kv_heads * triton.cdiv(pb.seqlen_k, meta["BLOCK_N"]),),
-                             q.device)
+    # GQA with too few (batch, KV head, key block) programs to fill the GPU: share each group's query heads over
+    # `split` programs, which write fp32 partials into a workspace (split, *dk.shape) summed below.
+    split = gqa_group_split(pb.batch * pb.num_kv_heads * triton.cdiv(pb.seqlen_k, cfg["BLOCK_N"]), pb.group_size,
+                            multiprocessor_count(q.device, arch), 4 * (dk.numel() + dv.numel()))
+    if split > 1:
+        dk_out, dv_out = (torch.empty((split,) + tuple(t.shape), dtype=torch.float32, device=t.device)
+                          for t in (dk, dv))
+        dk_slot, dv_slot = dk_out[0], dv_out[0]
+        split_strides = (dk_out.stride(0), dv_out.stride(0))
+    else:
+        dk_out, dv_out = dk_slot, dv_slot = dk, dv
+        split_strides = (0, 0)
+    run, tile = _tile_launch(
+        _attn_bwd_dkdv_kernel, name, arch, cfg,
+        lambda meta: (pb.batch * pb.num_kv_heads * split * triton.cdiv(pb.seqlen_k, meta["BLOCK_N"]),), q.device)
     run(
-        q, k, v, dout, lse, delta, dk, dv, pb.mask, pb.cu_q, pb.cu_k, pb.alibi,
+        q, k, v, dout, lse, delta, dk_out, dv_out, pb.mask, pb.cu_q, pb.cu_k, pb.alibi,
         *_bhs_strides(q, layout), *_bhs_strides(k, layout), *_bhs_strides(v, layout),
-        *_bhs_strides(dout, layout), *_bhs_strides(dk, layout), *_bhs_strides(dv, layout),
-        *_lse_strides(lse, layout), *pb.mask_strides,
-        pb.num_heads, pb.num_kv_heads, pb.group_size, pb.seqlen_q, pb.seqlen_k, pb.qk_scale, pb.scale,
+        *_bhs_strides(dout, layout), *_bhs_strides(dk_slot, layout), *_bhs_strides(dv_slot, layout),
+        *_lse_strides(lse, layout), *pb.mask_strides, *split_strides,
+        pb.num_heads, pb.num_kv_heads, pb.group_size, split, pb.seqlen_q, pb.seqlen_k, pb.qk_scale, pb.scale,
         *common, **pb.flags(), **tile,
     )
+    if split > 1:
+        # A fixed-order sum in fp32, rounded once to the gradients' dtype (nearest-even, as the kernel's store).
+        dk.copy_(dk_out.sum(0))
+        dv.copy_(dv_out.sum(0))
 
     ds = (torch.zeros((pb.batch, pb.num_heads, pb.seqlen_q, pb.seqlen_k), dtype=torch.float32, device=q.device)
           if mask_needs_grad else lse)

@@ -8,7 +8,8 @@ compile check gives them the specialization Triton's launcher would (16-divisibl
 for arguments equal to 1). Together the cases launch every variant: non-causal, causal aligned top-left (SDPA) and
 bottom-right (flash-attn), sliding windows, varlen batches, GQA, bool and additive masks (with the mask gradient),
 dropout, the LSE gradient, fp32 inputs exact (IEEE) and with TF32, head dims that are not multiples of 16, logit
-soft-capping and ALiBi (with and without an additive mask's gradient); and the S_dmask kernel of
+soft-capping and ALiBi (with and without an additive mask's gradient), GQA's dK/dV pass with each group's query
+heads in one program and shared over several (fp32 partials in a workspace); and the S_dmask kernel of
 ``return_attn_probs`` (one config, every score feature on).
 """
 from __future__ import annotations
@@ -19,11 +20,13 @@ import re
 
 import torch
 
+import contextlib
+
 from llmfast.ops._arch import forced_config_arch
 from llmfast.ops._spec import KernelSpec, capture_launches
 
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
-from .configs import ATTENTION_CONFIGS, AUTOTUNE_CANDIDATES, _block_d, config_key
+from .configs import ATTENTION_CONFIGS, AUTOTUNE_CANDIDATES, _block_d, config_key, forced_gqa_split
 from .forward import _attn_fwd_kernel
 from .launch import _backward_impl, _forward_impl, _Problem
 from .probs import _attn_probs_kernel, _probs_impl
@@ -63,6 +66,9 @@ class Case:
     unaligned: bool = False
     softcap: float = 0.0           # logit soft-capping (Gemma 2's 50)
     alibi: bool = False            # ALiBi slopes, one per query head
+    # Programs sharing one GQA group in the dK/dV pass (None: the launch's heuristic). 1 keeps the group loop in
+    # one program, writing dK/dV directly; > 1 writes fp32 partials to a workspace (and group_split is no constant).
+    gqa_split: int | None = None
 
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -71,7 +77,8 @@ CASES = {
     "": (
         Case("flash_causal", F16, ALL),
         Case("sdpa_causal", BF16, MAIN, layout="bhsd", causal="top_left"),
-        Case("full_gqa", F16, MAIN, causal="none", kv_heads=4),
+        Case("full_gqa", F16, MAIN, causal="none", kv_heads=4, gqa_split=1),
+        Case("gqa_split", F16, ("bwd_dkdv",), kv_heads=4, gqa_split=3),
         Case("varlen_window", BF16, ALL, layout="thd", window=(256, 0)),
         Case("unaligned", F16, ALL, unaligned=True),
         Case("dlse", F16, ("bwd_preprocess",), dlse=True),
@@ -84,6 +91,8 @@ CASES = {
         Case("softcap_alibi", BF16, MAIN, softcap=50.0, alibi=True),
         Case("additive_mask_softcap", F16, MAIN, layout="bhsd", causal="top_left", mask="additive", softcap=30.0),
         Case("dropout_softcap_alibi", BF16, MAIN, dropout=True, softcap=50.0, alibi=True),
+        Case("gqa_split_dropout_softcap_alibi", BF16, ("bwd_dkdv",), kv_heads=4, dropout=True, softcap=50.0,
+             alibi=True, gqa_split=3),
     ),
     # fp32 inputs: exact (IEEE) dots on the FMA units, or TF32 on the tensor cores when torch allows it.
     "_fp32": (
@@ -91,6 +100,7 @@ CASES = {
         Case("tf32_causal", F32, MAIN, tf32=True),
         Case("ieee_mask_dropout", F32, MAIN, layout="bhsd", causal="none", mask="additive", dropout=True),
         Case("ieee_softcap_alibi", F32, MAIN, softcap=50.0, alibi=True),
+        Case("ieee_gqa_split", F32, ("bwd_dkdv",), kv_heads=4, gqa_split=3),
     ),
 }
 
@@ -131,8 +141,9 @@ def capture_case(case: Case, head_dim: int, arch: str):
     q, k, v, problem = _inputs(case, head_dim)
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = case.tf32
+    split = forced_gqa_split(case.gqa_split) if case.gqa_split is not None else contextlib.nullcontext()
     try:
-        with forced_config_arch(arch), capture_launches() as launches:
+        with forced_config_arch(arch), split, capture_launches() as launches:
             out, lse = _forward_impl(q, k, v, **problem)
             dlse = torch.empty_like(lse) if case.dlse else None
             _backward_impl(torch.empty_like(out), dlse, q, k, v, out, lse, **problem,
