@@ -1,8 +1,8 @@
 """Tokenizer throughput: llmfast vs tiktoken on the same vocabulary and text (CPU).
 
 encode_ordinary, encode_batch (batch of 4 KB documents, 1 vs 2 threads) and decode, for cl100k_base and o200k_base, on
-English, code and Chinese/Japanese text (``../shared/corpus`` or ``$LLMFAST_CORPUS_DIR`` when present, else pydoc_data / stdlib sources and
-generated CJK). llmfast and tiktoken are timed interleaved in one process, median of rounds; MB/s and ratios go to
+English, code, Chinese and Japanese text (``../shared/corpus`` or ``$LLMFAST_CORPUS_DIR`` when present, else pydoc_data;
+stdlib sources; Vim's Chinese tutors in ``/usr/share/vim``; generated CJK where a text is missing). llmfast and tiktoken are timed interleaved in one process, median of rounds; MB/s and ratios go to
 ``benchmark.extra_info``. Single-thread timings use the thread's CPU time (robust on a shared machine); batch timings
 use wall time (that is what threads buy), over many short rounds, since one round is a few milliseconds.
 
@@ -42,7 +42,7 @@ def _corpus_dir() -> pathlib.Path:
 
 CORPUS = _corpus_dir()
 NAMES = ["cl100k_base", "o200k_base"]
-KINDS = ["english", "code", "cjk"]
+KINDS = ["english", "code", "chinese", "japanese"]
 TEXT_BYTES = 400_000
 
 
@@ -65,10 +65,31 @@ def text_of(kind: str) -> str:
             if size > TEXT_BYTES:
                 break
         return "\n".join(parts)
-    path = CORPUS / "neko_ja.txt"
-    if path.exists():
-        text = path.read_text(encoding="utf-8")
-        return text[: TEXT_BYTES // 3]
+    if kind == "chinese":
+        text = _chinese_text()
+        if text:
+            return text
+    else:
+        path = CORPUS / "neko_ja.txt"
+        if path.exists():
+            return path.read_text(encoding="utf-8")[: TEXT_BYTES // 3]
+    return _generated_cjk()
+
+
+# Real Chinese prose on most Linux machines: Vim's tutor in Simplified and Traditional Chinese (70 KB, with the ASCII
+# of Vim commands mixed in, as Chinese technical text has).
+CHINESE_SOURCES = ["/usr/share/vim/vim*/tutor/tutor.zh_cn.utf-8", "/usr/share/vim/vim*/tutor/tutor.zh_tw.utf-8"]
+
+
+@functools.cache
+def _chinese_text() -> str:
+    import glob
+
+    paths = [sorted(glob.glob(pattern))[-1:] for pattern in CHINESE_SOURCES]
+    return "\n".join(pathlib.Path(p[0]).read_text(encoding="utf-8") for p in paths if p)
+
+
+def _generated_cjk() -> str:
     rng = random.Random(0)  # generated CJK: hanzi/kana runs with punctuation and spaces
     chars = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)] + [chr(c) for c in range(0x3041, 0x3097)]
     out = []
@@ -129,8 +150,10 @@ def corpus_of(kind: str) -> str:
         stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
         sources = (p.read_text(encoding="utf-8", errors="replace") for p in sorted(stdlib.glob("*.py")))
         return "\n".join(sources)[:2_000_000]
+    if kind == "chinese":
+        return text_of("chinese")  # all the Chinese text there is
     path = CORPUS / "neko_ja.txt"
-    return path.read_text(encoding="utf-8") if path.exists() else text_of("cjk")
+    return path.read_text(encoding="utf-8") if path.exists() else text_of("japanese")
 
 
 def fresh_encoding(name: str):

@@ -79,6 +79,27 @@ def test_parity_on_corpus(pair):
         assert ours.decode(tokens) == text
 
 
+def _chinese_texts() -> list[str]:
+    """Vim's tutors in Simplified and Traditional Chinese (the benchmark's Chinese text), where Vim is installed."""
+    import glob
+
+    return [Path(p).read_text(encoding="utf-8") for p in sorted(glob.glob("/usr/share/vim/vim*/tutor/tutor.zh_*.utf-8"))]
+
+
+@pytest.mark.skipif(not _chinese_texts(), reason="no Chinese text on this machine (Vim's tutors)")
+def test_parity_on_chinese(pair):
+    ours, ref = pair
+    texts = _chinese_texts()
+    for text in texts:
+        tokens = ours.encode_ordinary(text)
+        assert tokens == ref.encode_ordinary(text)
+        assert ours.decode(tokens) == text
+    # and through a fresh Encoding, whose piece caches start empty
+    fresh = type(ours)(f"{ours.name}-fresh", pat_str=ours.pat_str, mergeable_ranks=ours.mergeable_ranks,
+                       special_tokens=ours.special_tokens)
+    assert fresh.encode_ordinary(texts[0]) == ref.encode_ordinary(texts[0])
+
+
 def test_parity_on_pydoc_topics_and_stdlib_sources(pair):
     import pydoc_data.topics
 
