@@ -129,7 +129,7 @@ PieceCache& PieceCache::for_thread(uint64_t owner, bool narrow) {
     if (*victim) {
         std::fill_n((*victim)->sets_.data(), kSets, Set{});
         (*victim)->pair_memo_ = empty_pair_memo();
-        for (size_t i = 0; i < (size_t(1) << kLongSlotBits); ++i) (*victim)->long_[i].reset();
+        for (size_t i = 0; i < (size_t(1) << kLongSetBits); ++i) (*victim)->long_[i] = LongSet{};
     } else
         *victim = std::make_unique<PieceCache>();
     (*victim)->owner_ = owner;
