@@ -250,43 +250,51 @@ void BytePairEncoder::build(const std::vector<std::pair<std::string, Rank>>& mer
     max_rank_ = max_rank;
     memo_pairs_ = max_rank < (Rank(1) << 20) - 1;
 
-    // may_span()'s bit sets. The blocked n-gram filter gets about thirty-two bits per entry, up to 8 MiB (4 MiB for
-    // o200k): four tests per boundary are ORed and the blocks fill unevenly, so with fewer bits many boundaries
-    // inside CJK runs lost their cut to a false positive, and the longer chunks cost more than the bigger table
-    // (measured on a Japanese novel: four bits per entry unblocked -> sixteen -> blocked at thirty-two, first pass
-    // 35 -> 45 -> 51 MB/s).
-    size_t ngram_count = 0;
-    for (const auto& entry : mergeable) {
-        const size_t len = entry.first.size();
-        ngram_count += (len >= 3) + (len >= 4) + (len >= 5) + (len >= 6 ? len - 5 : 0);
-    }
-    ngram_bits_ = 16;  // at least 128 blocks
-    while ((size_t(1) << ngram_bits_) < 32 * ngram_count && ngram_bits_ < 26) ++ngram_bits_;
+    // may_span()'s bit sets.
+    // Each n-gram is added at its place in the window p[k-3..k+2] that may_span() tests (`at`: the window index of
+    // its first byte), under the block of the three bytes at p[k-2..k]; it goes into the small filter too when its
+    // bytes fit that place between two three-byte characters.
+    struct Placed {
+        uint64_t bytes, context;
+        unsigned len, at;
+    };
+    auto for_each_ngram = [&mergeable](auto&& visit) {
+        for (const auto& entry : mergeable) {
+            const auto* t = reinterpret_cast<const uint8_t*>(entry.first.data());
+            const size_t len = entry.first.size();
+            auto bytes_at = [t](size_t from, size_t count) {
+                uint64_t v = 0;
+                for (size_t i = 0; i < count; ++i) v |= uint64_t(t[from + i]) << (8 * i);
+                return v;
+            };
+            if (len >= 3) visit(Placed{bytes_at(0, 3), bytes_at(0, 3), 3, 1});              // as p[k-2..k]
+            if (len >= 4) visit(Placed{bytes_at(len - 4, 4), bytes_at(len - 3, 3), 4, 0});  // as p[k-3..k]
+            if (len >= 5) visit(Placed{bytes_at(len - 5, 5), bytes_at(len - 4, 3), 5, 0});  // as p[k-3..k+1]
+            for (size_t j = 0; j + 6 <= len; ++j) visit(Placed{bytes_at(j, 6), bytes_at(j + 1, 3), 6, 0});  // k-3..k+2
+        }
+    };
+    // An n-gram fits between two three-byte characters when its bytes at window indices 0 and 3 are lead bytes
+    // 0xE0-0xEF and the others continuation bytes 0x80-0xBF.
+    auto fits_three_byte_boundary = [](const Placed& e) {
+        const uint64_t in_window = ((uint64_t(1) << (8 * e.len)) - 1) << (8 * e.at);
+        return ((e.bytes << (8 * e.at)) & kThreeByteBoundaryMask & in_window) == (kThreeByteBoundary & in_window);
+    };
+    size_t count = 0, three_byte_count = 0;
+    for_each_ngram([&](const Placed& e) { ++count, three_byte_count += fits_three_byte_boundary(e); });
+    // The full filter gets about thirty-two bits per entry, up to 8 MiB (4 MiB for o200k): four tests per boundary
+    // are ORed and the blocks fill unevenly, so with fewer bits many boundaries inside CJK runs lost their cut to a
+    // false positive, and the longer chunks cost more than the bigger table (measured on a Japanese novel: four bits
+    // per entry unblocked -> sixteen -> blocked at thirty-two, first pass 35 -> 45 -> 51 MB/s).
+    ngrams_.reset(count, 32, 16, 26);
+    three_byte_ngrams_.reset(three_byte_count, 32, 12, 26);
+    for_each_ngram([&](const Placed& e) {
+        ngrams_.add(e.context, e.bytes, e.len);
+        if (fits_three_byte_boundary(e)) three_byte_ngrams_.add(e.context, e.bytes, e.len);
+    });
     starts2_.assign(65536 / 64, 0);
-    ngrams_.assign((size_t(1) << ngram_bits_) / 64, 0);
-    auto set_bit = [](auto& bits, size_t i) { bits[i >> 6] |= uint64_t(1) << (i & 63); };
     for (const auto& entry : mergeable) {
         const auto* t = reinterpret_cast<const uint8_t*>(entry.first.data());
-        const size_t len = entry.first.size();
-        auto bytes_at = [t](size_t from, size_t count) {
-            uint64_t v = 0;
-            for (size_t i = 0; i < count; ++i) v |= uint64_t(t[from + i]) << (8 * i);
-            return v;
-        };
-        if (len >= 2) set_bit(starts2_, bytes_at(0, 2));
-        // Each n-gram goes into the block of the three bytes that sit at p[k-2..k] when may_span() tests it.
-        auto add = [&](size_t from, unsigned count, size_t context_from) {
-            uint64_t* block = const_cast<uint64_t*>(ngram_block(bytes_at(context_from, 3)));
-            const uint64_t h = ngram_hash(bytes_at(from, count), count);
-            const unsigned a = static_cast<unsigned>(h >> (64 - kBlockBits));
-            const unsigned b = static_cast<unsigned>(h >> (64 - 2 * kBlockBits)) & ((1u << kBlockBits) - 1);
-            block[a >> 6] |= uint64_t(1) << (a & 63);
-            block[b >> 6] |= uint64_t(1) << (b & 63);
-        };
-        if (len >= 3) add(0, 3, 0);                                 // tested as p[k-2..k]
-        if (len >= 4) add(len - 4, 4, len - 3);                     // as p[k-3..k]
-        if (len >= 5) add(len - 5, 5, len - 4);                     // as p[k-3..k+1]
-        for (size_t j = 0; j + 6 <= len; ++j) add(j, 6, j + 1);     // as p[k-3..k+2]
+        if (entry.first.size() >= 2) starts2_[(t[0] | t[1] << 8) >> 6] |= uint64_t(1) << ((t[0] | t[1] << 8) & 63);
     }
     {
         std::vector<std::pair<uint32_t, Rank>> threes;
@@ -346,7 +354,7 @@ void stream_in(const void* data, size_t size) {
 void BytePairEncoder::warm(const PieceCache& cache, bool cut_filter) const {
     stream_in(cache.memory().data(), cache.memory().size());
     if (self_merging_ && cut_filter) {
-        stream_in(ngrams_.data(), ngrams_.size() * sizeof(uint64_t));
+        stream_in(three_byte_ngrams_.bits.data(), three_byte_ngrams_.bits.size() * sizeof(uint64_t));
         stream_in(three_byte_.data(), three_byte_.size() * sizeof(uint64_t));
     }
     long_ranks_.stream_in();

@@ -399,27 +399,37 @@ class PieceCache {
     Rank* find_long(std::string_view piece, uint64_t hash, Rank* w) {
         LongSet& set = long_[hash >> (64 - kLongSetBits)];
         for (size_t i = 0; i < kLongWays; ++i) {
-            if (set.hash[i] != hash || !set.entry[i] || set.entry[i]->bytes != piece) continue;
+            if (set.hash[i] != hash || !set.entry[i] || !set.entry[i]->holds(piece)) continue;
             for (; i > 0; --i) {  // to the front: the least recently used entry is the one evicted
                 std::swap(set.hash[i], set.hash[i - 1]);
                 std::swap(set.entry[i], set.entry[i - 1]);
             }
             const LongEntry& e = *set.entry[0];
-            std::memcpy(w, e.tokens.data(), e.tokens.size() * sizeof(Rank));
-            return w + e.tokens.size();
+            std::memcpy(w, e.tokens(), e.count * sizeof(Rank));
+            return w + e.count;
         }
         return nullptr;
     }
     void insert_long(std::string_view piece, uint64_t hash, const Rank* tokens, size_t count) {
         LongSet& set = long_[hash >> (64 - kLongSetBits)];
-        std::unique_ptr<LongEntry> entry = std::move(set.entry[kLongWays - 1]);  // its buffers are reused
+        LongEntryPtr entry = std::move(set.entry[kLongWays - 1]);  // evicted: its block is reused when large enough
         for (size_t i = kLongWays - 1; i > 0; --i) {
             set.hash[i] = set.hash[i - 1];
             set.entry[i] = std::move(set.entry[i - 1]);
         }
-        if (!entry) entry = std::make_unique<LongEntry>();
-        entry->bytes.assign(piece.data(), piece.size());
-        entry->tokens.assign(tokens, tokens + count);
+        const size_t need = LongEntry::bytes_for(piece.size(), count);
+        if (!entry || entry->capacity < need) {
+            // One block per entry, rounded up so that most later pieces fit in it: a new long piece costs one
+            // allocation at most (a string and a vector cost three, a tenth of a first encode of Japanese).
+            const size_t capacity = (need + 127) & ~size_t(127);
+            entry.reset(static_cast<LongEntry*>(std::malloc(capacity)));
+            if (!entry) throw std::bad_alloc();
+            entry->capacity = static_cast<uint32_t>(capacity);
+        }
+        entry->size = static_cast<uint32_t>(piece.size());
+        entry->count = static_cast<uint32_t>(count);
+        std::memcpy(entry->tokens(), tokens, count * sizeof(Rank));
+        std::memcpy(entry->bytes(), piece.data(), piece.size());
         set.hash[0] = hash;
         set.entry[0] = std::move(entry);
     }
@@ -447,13 +457,25 @@ class PieceCache {
         std::fill_n(memo.get(), size_t(1) << kPairMemoBits, UINT64_MAX);  // key bits all ones: no pair of ranks
         return memo;
     }
+    // A long piece's tokens then its bytes, in one malloc'd block of `capacity` bytes.
     struct LongEntry {
-        std::string bytes;
-        std::vector<Rank> tokens;
+        uint32_t capacity, size, count;
+        static size_t bytes_for(size_t size, size_t count) { return sizeof(LongEntry) + count * sizeof(Rank) + size; }
+        Rank* tokens() { return reinterpret_cast<Rank*>(this + 1); }
+        const Rank* tokens() const { return reinterpret_cast<const Rank*>(this + 1); }
+        char* bytes() { return reinterpret_cast<char*>(tokens() + count); }
+        bool holds(std::string_view piece) const {
+            return size == piece.size() &&
+                   std::memcmp(reinterpret_cast<const char*>(tokens() + count), piece.data(), size) == 0;
+        }
     };
+    struct FreeLongEntry {
+        void operator()(LongEntry* e) const noexcept { std::free(e); }
+    };
+    using LongEntryPtr = std::unique_ptr<LongEntry, FreeLongEntry>;
     struct alignas(64) LongSet {
         uint64_t hash[kLongWays] = {};
-        std::unique_ptr<LongEntry> entry[kLongWays];
+        LongEntryPtr entry[kLongWays];
     };
     std::unique_ptr<LongSet[]> long_{new LongSet[size_t(1) << kLongSetBits]};
     uint64_t owner_ = 0;
@@ -501,11 +523,12 @@ class BytePairEncoder {
     // Starts loading the slot where a short piece new to the cache is looked up whole.
     void prefetch_whole_piece(std::string_view piece) const { ranks_.prefetch(piece.data(), piece.size()); }
     PieceCache& piece_cache() const { return PieceCache::for_thread(id_, max_rank_ < PieceCache::kNarrowRanks); }
-    // Before a long text: reads the piece cache (and, for text with many multi-byte characters, the cut filter
+    // Before a long text: reads the piece cache (and, for text with many multi-byte characters, the small cut filter
     // that CJK runs test at every character) front to back. Work done since the last call (in Python, in another
     // library) has usually pushed them out of the CPU caches, and streaming a megabyte in is several times cheaper
-    // than missing on its lines one piece at a time; text that is mostly ASCII rarely reads the filter, so streaming
-    // its megabytes in would be wasted.
+    // than missing on its lines one piece at a time; text that is mostly ASCII rarely reads the filter. The full
+    // n-gram filter (megabytes, read only at the other boundaries) is not streamed: for 64 KB of Chinese that alone
+    // cost as much as the encode.
     static constexpr size_t kWarmText = 64 * 1024;
     void warm(const PieceCache& cache, bool cut_filter) const;
 
@@ -560,38 +583,62 @@ class BytePairEncoder {
         if (left == 3 && right == 3) return may_span_inside(window);
         if (test_bit(starts2_, (window >> 16) & 0xFFFF)) return true;
         if (left < 2) return false;
-        const uint64_t* block = ngram_block((window >> 8) & 0xFFFFFF);
-        return test_ngram(block, (window >> 8) & 0xFFFFFF, 3) ||
-               (left == 3 && (test_ngram(block, window & 0xFFFFFFFF, 4) ||
-                              (right >= 2 && test_ngram(block, window & 0xFFFFFFFFFF, 5))));
+        const uint64_t* block = ngrams_.block((window >> 8) & 0xFFFFFF);
+        return NgramFilter::test(block, (window >> 8) & 0xFFFFFF, 3) ||
+               (left == 3 && (NgramFilter::test(block, window & 0xFFFFFFFF, 4) ||
+                              (right >= 2 && NgramFilter::test(block, window & 0xFFFFFFFFFF, 5))));
     }
     // may_span() with three bytes on each side, from window = p[k-3..k+2] little-endian: the tests without branches.
+    // Between two three-byte characters (most boundaries in a CJK run) the n-grams come from a small filter that holds
+    // only the n-grams that fit there, so the test reads the CPU's caches, not a table of megabytes.
+    static constexpr uint64_t kThreeByteBoundaryMask = 0xC0C0F0C0C0F0ull;  // lead, two continuations, lead, two
+    static constexpr uint64_t kThreeByteBoundary = 0x8080E08080E0ull;
     bool may_span_inside(uint64_t window) const {
-        const uint64_t* block = ngram_block((window >> 8) & 0xFFFFFF);
-        return test_bit(starts2_, (window >> 16) & 0xFFFF) | test_ngram(block, (window >> 8) & 0xFFFFFF, 3) |
-               test_ngram(block, window & 0xFFFFFFFF, 4) | test_ngram(block, window & 0xFFFFFFFFFF, 5) |
-               test_ngram(block, window & 0xFFFFFFFFFFFF, 6);
+        const NgramFilter& filter =
+            (window & kThreeByteBoundaryMask) == kThreeByteBoundary ? three_byte_ngrams_ : ngrams_;
+        const uint64_t* block = filter.block((window >> 8) & 0xFFFFFF);
+        return test_bit(starts2_, (window >> 16) & 0xFFFF) | NgramFilter::test(block, (window >> 8) & 0xFFFFFF, 3) |
+               NgramFilter::test(block, window & 0xFFFFFFFF, 4) | NgramFilter::test(block, window & 0xFFFFFFFFFF, 5) |
+               NgramFilter::test(block, window & 0xFFFFFFFFFFFF, 6);
     }
-    // The n-gram set is a Bloom filter blocked by cache line: every n-gram tested at a boundary k contains
-    // p[k-2..k], so those three bytes pick one 64-byte block (`context`, little-endian) and the four tests of a
-    // boundary read that one line instead of four random ones. Within the block each n-gram sets two of its 512
-    // bits, from a hash with its own odd multiplier per length (3 to 6 bytes, little-endian in `bytes`).
-    static constexpr unsigned kBlockBits = 9;  // 512 bits: one cache line
-    const uint64_t* ngram_block(uint64_t context) const {
-        const size_t block = static_cast<size_t>((context * 0xA24BAED4963EE407ull) >> (64 - (ngram_bits_ - kBlockBits)));
-        return ngrams_.data() + (block << (kBlockBits - 6));
-    }
-    static uint64_t ngram_hash(uint64_t bytes, unsigned len) {
-        static constexpr uint64_t kMultiplier[4] = {0x9E3779B97F4A7C15ull, 0xC2B2AE3D27D4EB4Full,
-                                                    0x165667B19E3779F9ull, 0xD6E8FEB86659FD93ull};
-        return bytes * kMultiplier[len - 3];
-    }
-    static bool test_ngram(const uint64_t* block, uint64_t bytes, unsigned len) {
-        const uint64_t h = ngram_hash(bytes, len);
-        const unsigned a = static_cast<unsigned>(h >> (64 - kBlockBits));
-        const unsigned b = static_cast<unsigned>(h >> (64 - 2 * kBlockBits)) & ((1u << kBlockBits) - 1);
-        return (block[a >> 6] >> (a & 63) & 1) & (block[b >> 6] >> (b & 63) & 1);
-    }
+    // A set of n-grams (3 to 6 bytes) as a Bloom filter blocked by cache line: every n-gram tested at a boundary k
+    // contains p[k-2..k], so those three bytes pick one 64-byte block (`context`, little-endian) and the four tests of
+    // a boundary read that one line instead of four random ones. Within the block each n-gram sets two of its 512
+    // bits, from a hash with its own odd multiplier per length (little-endian in `bytes`).
+    struct NgramFilter {
+        static constexpr unsigned kBlockBits = 9;  // 512 bits: one cache line
+        LargeTable<uint64_t> bits;
+        unsigned bits_log2 = 0;
+        // About `bits_per_entry` bits for each of `entries` n-grams, between 2^min_log2 and 2^max_log2 bits.
+        void reset(size_t entries, size_t bits_per_entry, unsigned min_log2, unsigned max_log2) {
+            bits_log2 = min_log2;
+            while ((size_t(1) << bits_log2) < bits_per_entry * entries && bits_log2 < max_log2) ++bits_log2;
+            bits.assign((size_t(1) << bits_log2) / 64, 0);
+        }
+        const uint64_t* block(uint64_t context) const {
+            const size_t b = static_cast<size_t>((context * 0xA24BAED4963EE407ull) >> (64 - (bits_log2 - kBlockBits)));
+            return bits.data() + (b << (kBlockBits - 6));
+        }
+        static uint64_t hash(uint64_t bytes, unsigned len) {
+            static constexpr uint64_t kMultiplier[4] = {0x9E3779B97F4A7C15ull, 0xC2B2AE3D27D4EB4Full,
+                                                        0x165667B19E3779F9ull, 0xD6E8FEB86659FD93ull};
+            return bytes * kMultiplier[len - 3];
+        }
+        static bool test(const uint64_t* block, uint64_t bytes, unsigned len) {
+            const uint64_t h = hash(bytes, len);
+            const unsigned a = static_cast<unsigned>(h >> (64 - kBlockBits));
+            const unsigned b = static_cast<unsigned>(h >> (64 - 2 * kBlockBits)) & ((1u << kBlockBits) - 1);
+            return (block[a >> 6] >> (a & 63) & 1) & (block[b >> 6] >> (b & 63) & 1);
+        }
+        void add(uint64_t context, uint64_t bytes, unsigned len) {
+            uint64_t* blk = const_cast<uint64_t*>(block(context));
+            const uint64_t h = hash(bytes, len);
+            const unsigned a = static_cast<unsigned>(h >> (64 - kBlockBits));
+            const unsigned b = static_cast<unsigned>(h >> (64 - 2 * kBlockBits)) & ((1u << kBlockBits) - 1);
+            blk[a >> 6] |= uint64_t(1) << (a & 63);
+            blk[b >> 6] |= uint64_t(1) << (b & 63);
+        }
+    };
     // Rank of the three-byte token (key: the bytes little-endian) starting with a non-ASCII byte, or kNoRank.
     Rank three_byte_rank(uint32_t key) const {
         for (size_t i = (key * 0x9E3779B1u) >> three_byte_shift_;; i = (i + 1) & (three_byte_.size() - 1)) {
@@ -616,11 +663,12 @@ class BytePairEncoder {
     Rank byte_ranks_[256] = {};
     Rank max_rank_ = 0;
     // Bit sets for may_span(): bit (a | b << 8) of starts2_ is set when a token of two or more bytes starts with a b;
-    // ngrams_ hashes the first three, last four and last five bytes of each token and every six consecutive bytes
-    // inside one.
+    // ngrams_ holds the first three, last four and last five bytes of each token and every six consecutive bytes
+    // inside one; three_byte_ngrams_ those of them that fit the window between two three-byte characters
+    // (kThreeByteBoundary): a few hundred for cl100k, 54 000 for o200k, kilobytes instead of megabytes.
     std::vector<uint64_t> starts2_;
-    LargeTable<uint64_t> ngrams_;
-    unsigned ngram_bits_ = 16;
+    NgramFilter ngrams_;
+    NgramFilter three_byte_ngrams_;
     // The three-byte tokens that start with a non-ASCII byte (a CJK character, mostly), (bytes << 32 | rank) by open
     // addressing: most chunks of a CJK run are one such character, found here in one probe of a small table.
     std::vector<uint64_t> three_byte_;
