@@ -422,9 +422,10 @@ class PieceCache {
             // One block per entry, rounded up so that most later pieces fit in it: a new long piece costs one
             // allocation at most (a string and a vector cost three, a tenth of a first encode of Japanese).
             const size_t capacity = (need + 127) & ~size_t(127);
-            entry.reset(static_cast<LongEntry*>(std::malloc(capacity)));
-            if (!entry) throw std::bad_alloc();
-            entry->capacity = static_cast<uint32_t>(capacity);
+            entry.reset();
+            void* block = std::malloc(capacity);
+            if (!block) throw std::bad_alloc();
+            entry.reset(new (block) LongEntry{static_cast<uint32_t>(capacity), 0, 0});
         }
         entry->size = static_cast<uint32_t>(piece.size());
         entry->count = static_cast<uint32_t>(count);
