@@ -2,8 +2,9 @@
 
 encode_ordinary, encode_batch (batch of 4 KB documents, 1 vs 2 threads) and decode, for cl100k_base and o200k_base, on
 English, code, Chinese and Japanese text (``../shared/corpus`` or ``$LLMFAST_CORPUS_DIR`` when present, else pydoc_data;
-stdlib sources; Vim's Chinese tutors in ``/usr/share/vim``; generated CJK where a text is missing). llmfast and tiktoken are timed interleaved in one process, median of rounds; MB/s and ratios go to
-``benchmark.extra_info``. Single-thread timings use the thread's CPU time (robust on a shared machine); batch timings
+stdlib sources; Vim's Chinese tutors in ``/usr/share/vim``; generated CJK where a text is missing). llmfast and
+tiktoken are timed interleaved in one process, median of rounds; MB/s and ratios go to ``benchmark.extra_info``.
+Single-thread timings use the thread's CPU time (robust on a shared machine); batch timings
 use wall time (that is what threads buy), over many short rounds, since one round is a few milliseconds.
 
 Single-thread figures with and without llmfast's per-thread cache of encoded pieces (tiktoken has none):

@@ -83,7 +83,8 @@ def _chinese_texts() -> list[str]:
     """Vim's tutors in Simplified and Traditional Chinese (the benchmark's Chinese text), where Vim is installed."""
     import glob
 
-    return [Path(p).read_text(encoding="utf-8") for p in sorted(glob.glob("/usr/share/vim/vim*/tutor/tutor.zh_*.utf-8"))]
+    paths = sorted(glob.glob("/usr/share/vim/vim*/tutor/tutor.zh_*.utf-8"))
+    return [Path(p).read_text(encoding="utf-8") for p in paths]
 
 
 @pytest.mark.skipif(not _chinese_texts(), reason="no Chinese text on this machine (Vim's tutors)")
