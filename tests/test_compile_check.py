@@ -179,6 +179,9 @@ def test_rotary_swiglu_and_cross_entropy_specs_are_captured_from_the_launch_code
     assert ce[("cross_entropy_grad", "v4k_bf16")]["target_ptr"] == torch.int64
     assert ce[("cross_entropy_grad", "v4k_bf16")]["z_scale_offset"] == 1  # mean's [ce, z] scale pair
     assert ce[("cross_entropy_grad_all", "v1k_fp32")]["TOKEN_SCALING"]
+    # reduction="none": one scale per row at stride 1 (a launch constant), no z-loss offset
+    assert ce[("cross_entropy_grad_per_row", "v4k_bf16")]["scale_row_stride"] == 1
+    assert ce[("cross_entropy_grad_all_per_row", "v1k_fp32")]["z_scale_offset"] == 0
     for kernel in ("cross_entropy_shard_stats", "cross_entropy_shard_grad"):
         args = ce[(kernel, "v4k_fp32")]
         assert args["HAS_WEIGHT"] and args["HAS_SOFTCAP"] and args["vocab_start"] == args["n_cols"]

@@ -139,9 +139,14 @@ class CapturedLaunch:
             return int(self.kwargs[name])
         if default is not None:
             return default
-        from triton.backends.nvidia.compiler import CUDAOptions
+        return triton_default(name)
 
-        return int(CUDAOptions.__dataclass_fields__[name].default)
+
+def triton_default(option: str) -> int:
+    """Triton's own default for a launch option (``num_stages``: 3 on CUDA): what a launch that passes none gets."""
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    return int(CUDAOptions.__dataclass_fields__[option].default)
 
 
 _captured: contextvars.ContextVar[list | None] = contextvars.ContextVar("llmfast_captured_launches", default=None)

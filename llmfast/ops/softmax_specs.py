@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from llmfast.ops._spec import KernelSpec, triton_signature
+from llmfast.ops._spec import KernelSpec, triton_default, triton_signature
 from llmfast.ops.softmax import (
     Tile,
     ROW_TILES,
@@ -24,7 +24,6 @@ from llmfast.ops.softmax import (
     _softmax_bwd_stats_kernel,
     _softmax_bwd_looped_kernel,
 )
-
 
 
 def _layout_ones(kind: str, prefixes: Sequence[str]) -> list[str]:
@@ -66,8 +65,9 @@ def compile_specs() -> list[KernelSpec]:
                 launch_args[arg] = _TORCH_DTYPE[kind[1:]]
             else:
                 launch_args[arg] = 1.0 if kind == "fp32" else _LAUNCH_INTS.get(arg, 4096)
+        # The launches pass num_warps only, so they get Triton's default stages.
         specs.append(KernelSpec(name, fn, sig, consts, f"{cfg}_{t}", num_warps=tile.num_warps,
-                                launch_args=launch_args))
+                                num_stages=triton_default("num_stages"), launch_args=launch_args))
 
     row_tiles = [("row", n, t) for n, t in ROW_TILES.items()]
     strided_tiles = [("strided", n, t) for n, t in STRIDED_TILES.items()]

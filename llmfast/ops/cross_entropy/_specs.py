@@ -30,6 +30,9 @@ _FUSED_VARIANTS = {
 }
 # Variants also built with int32 targets (torch accepts both; the target and the unused argmax pointer change type).
 _INT32_VARIANTS = ("", "_grad")
+# Variants also built with the upstream gradient of reduction="none" (one fp32 scale per row, stride 1, which the
+# launch specializes as a constant; no z-loss offset): cross_entropy's and fused_linear_cross_entropy's backward.
+_PER_ROW_VARIANTS = ("_grad", "_grad_all")
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # The representative launch: 4096 tokens; per tile a vocabulary that picks it (a 1024-class head; Llama 2's 32000,
 # or Llama 3's 128256 split over two ranks for the shard kernels, this being rank 1's 64128 columns), contiguous
@@ -47,14 +50,15 @@ def _options(smooth: bool, weight: bool, zloss: bool, softcap: bool, argmax: boo
 
 
 def _fused_call(dtype: torch.dtype, target_dtype: torch.dtype, n_cols: int, flags: tuple[bool, ...],
-                token_scaling: bool) -> None:
-    """``cross_entropy``'s launch: the loss of every row, with the gradient scaled by ``mean``'s fp32 pair."""
+                token_scaling: bool, per_row: bool = False) -> None:
+    """``cross_entropy``'s launch: the loss of every row, with the gradient scaled by ``mean``'s fp32 pair (or,
+    ``per_row``, by reduction="none"'s upstream gradient)."""
     *options, grad = flags
     logits = torch.empty(_ROWS, n_cols, device="meta", dtype=dtype)
     target = torch.empty(_ROWS, device="meta", dtype=target_dtype)
-    scale = torch.empty(2, device="meta", dtype=torch.float32) if grad else None
+    scale = torch.empty(_ROWS if per_row else 2, device="meta", dtype=torch.float32) if grad else None
     rows_triton(logits, target, _options(*options, n_cols, token_scaling),
-                torch.empty_like(logits) if grad else None, scale)
+                torch.empty_like(logits) if grad else None, scale, per_row)
 
 
 def _shard_calls(dtype: torch.dtype, n_cols: int) -> None:
@@ -71,8 +75,8 @@ def _shard_calls(dtype: torch.dtype, n_cols: int) -> None:
 
 def compile_specs() -> list[KernelSpec]:
     """The cross-entropy kernels at each vocabulary tile and logits dtype, for the variants above (int64 targets;
-    int32 targets for the plain and gradient forms), and the two vocabulary-shard kernels with all options. The
-    tiles are the same on every architecture, so each spec serves all of them."""
+    int32 targets for the plain and gradient forms; per-row gradient scales for two), and the two vocabulary-shard
+    kernels with all options. The tiles are the same on every architecture, so each spec serves all of them."""
     specs = []
     for cfg, (n_cols, shard_cols) in _VOCAB.items():
         if pick_ce_tile(n_cols)[1] != CE_TILES[cfg] or pick_ce_tile(shard_cols)[1] != CE_TILES[cfg]:
@@ -84,6 +88,10 @@ def compile_specs() -> list[KernelSpec]:
                     calls = captured_launches(
                         lambda: _fused_call(dtype, target_dtype, n_cols, flags, suffix.endswith("all")), "sm90")
                     specs += [launch_spec(name, call, f"{cfg}_{t}") for call in calls]
+                if suffix in _PER_ROW_VARIANTS:
+                    calls = captured_launches(
+                        lambda: _fused_call(dtype, torch.int64, n_cols, flags, suffix.endswith("all"), True), "sm90")
+                    specs += [launch_spec(f"cross_entropy{suffix}_per_row", call, f"{cfg}_{t}") for call in calls]
             calls = captured_launches(lambda: _shard_calls(dtype, shard_cols), "sm90")
             for call, kernel in zip(calls, ("cross_entropy_shard_stats", "cross_entropy_shard_grad")):
                 specs.append(launch_spec(kernel, call, f"{cfg}_{t}"))
