@@ -342,10 +342,13 @@ class PieceCache {
         }
         return nullptr;
     }
-    // Whether the piece is cached (its set should already be loaded: see prefetch()).
-    bool contains(const Key& k) const {
+    // Whether the piece may be cached: an entry starts with its first bytes (false means it is not; the set should
+    // already be loaded: see prefetch()). One comparison per entry, for the encoder's guess at which pieces will
+    // miss; find() decides.
+    bool may_contain(const Key& k) const {
+        const Set& s = sets_[k.set];
         bool found = false;
-        for (const Entry& e : sets_[k.set].entry) found |= holds(e, k);
+        for (const Entry& e : s.entry) found |= e.a == k.a;
         return found;
     }
     // Starts loading the set a piece would occupy, so that a lookup issued a little later finds it in the L1.

@@ -165,7 +165,7 @@ void Encoder::encode_segment(std::string_view segment, TokenBuffer& out, PieceCa
         }
         if (found >= kProbe) {
             const Pending& probe = pending[(found - kProbe) % kLag];
-            if (probe.short_piece && !cache.contains(probe.key)) bpe_.prefetch_whole_piece(probe.piece);
+            if (probe.short_piece && !cache.may_contain(probe.key)) bpe_.prefetch_whole_piece(probe.piece);
         }
         ++found;
     });
