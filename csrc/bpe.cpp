@@ -294,7 +294,9 @@ void BytePairEncoder::build(const std::vector<std::pair<std::string, Rank>>& mer
     starts2_.assign(65536 / 64, 0);
     for (const auto& entry : mergeable) {
         const auto* t = reinterpret_cast<const uint8_t*>(entry.first.data());
-        if (entry.first.size() >= 2) starts2_[(t[0] | t[1] << 8) >> 6] |= uint64_t(1) << ((t[0] | t[1] << 8) & 63);
+        if (entry.first.size() < 2) continue;
+        const size_t first_two = t[0] | t[1] << 8;
+        starts2_[first_two >> 6] |= uint64_t(1) << (first_two & 63);
     }
     {
         std::vector<std::pair<uint32_t, Rank>> threes;

@@ -628,17 +628,20 @@ class BytePairEncoder {
                                                         0x165667B19E3779F9ull, 0xD6E8FEB86659FD93ull};
             return bytes * kMultiplier[len - 3];
         }
+        // The two bits of the block that an n-gram's hash names.
+        static unsigned first_bit(uint64_t h) { return static_cast<unsigned>(h >> (64 - kBlockBits)); }
+        static unsigned second_bit(uint64_t h) {
+            return static_cast<unsigned>(h >> (64 - 2 * kBlockBits)) & ((1u << kBlockBits) - 1);
+        }
         static bool test(const uint64_t* block, uint64_t bytes, unsigned len) {
             const uint64_t h = hash(bytes, len);
-            const unsigned a = static_cast<unsigned>(h >> (64 - kBlockBits));
-            const unsigned b = static_cast<unsigned>(h >> (64 - 2 * kBlockBits)) & ((1u << kBlockBits) - 1);
+            const unsigned a = first_bit(h), b = second_bit(h);
             return (block[a >> 6] >> (a & 63) & 1) & (block[b >> 6] >> (b & 63) & 1);
         }
         void add(uint64_t context, uint64_t bytes, unsigned len) {
             uint64_t* blk = const_cast<uint64_t*>(block(context));
             const uint64_t h = hash(bytes, len);
-            const unsigned a = static_cast<unsigned>(h >> (64 - kBlockBits));
-            const unsigned b = static_cast<unsigned>(h >> (64 - 2 * kBlockBits)) & ((1u << kBlockBits) - 1);
+            const unsigned a = first_bit(h), b = second_bit(h);
             blk[a >> 6] |= uint64_t(1) << (a & 63);
             blk[b >> 6] |= uint64_t(1) << (b & 63);
         }
