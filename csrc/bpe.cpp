@@ -298,21 +298,11 @@ void BytePairEncoder::build(const std::vector<std::pair<std::string, Rank>>& mer
         const size_t first_two = t[0] | t[1] << 8;
         starts2_[first_two >> 6] |= uint64_t(1) << (first_two & 63);
     }
-    {
-        std::vector<std::pair<uint32_t, Rank>> threes;
-        for (const auto& [bytes, rank] : mergeable) {
-            const auto* t = reinterpret_cast<const uint8_t*>(bytes.data());
-            if (bytes.size() == 3 && t[0] >= 0x80) threes.emplace_back(t[0] | t[1] << 8 | t[2] << 16, rank);
-        }
-        unsigned bits = 4;
-        while ((size_t(1) << bits) < 2 * threes.size()) ++bits;
-        three_byte_.assign(size_t(1) << bits, UINT64_MAX);
-        three_byte_shift_ = 32 - bits;
-        for (const auto& [key, rank] : threes) {
-            size_t i = (key * 0x9E3779B1u) >> three_byte_shift_;
-            while (three_byte_[i] != UINT64_MAX) i = (i + 1) & (three_byte_.size() - 1);
-            three_byte_[i] = uint64_t(key) << 32 | rank;
-        }
+    char3_rank_.assign(65536, kNoRank);
+    for (const auto& [bytes, rank] : mergeable) {
+        const auto* t = reinterpret_cast<const uint8_t*>(bytes.data());
+        if (bytes.size() == 3 && (t[0] & 0xF0) == 0xE0 && (t[1] & 0xC0) == 0x80 && (t[2] & 0xC0) == 0x80)
+            char3_rank_[char3_index(t[0], t[1], t[2])] = rank;
     }
     // A token whose bytes alone merge into something else (possible in a hand-made vocabulary: "abc" with neither
     // "ab" nor "bc") is found by the whole-piece lookup only when it is a whole piece, so a chunk of its bytes must
@@ -357,7 +347,7 @@ void BytePairEncoder::warm(const PieceCache& cache, bool cut_filter) const {
     stream_in(cache.memory().data(), cache.memory().size());
     if (self_merging_ && cut_filter) {
         stream_in(three_byte_ngrams_.bits.data(), three_byte_ngrams_.bits.size() * sizeof(uint64_t));
-        stream_in(three_byte_.data(), three_byte_.size() * sizeof(uint64_t));
+        stream_in(char3_rank_.data(), char3_rank_.size() * sizeof(Rank));
     }
     long_ranks_.stream_in();
 }
@@ -384,7 +374,7 @@ Rank* BytePairEncoder::encode_chunk(std::string_view chunk, Rank* w, PieceCache&
     }
     if (chunk.size() == 3) {  // a single CJK character, usually a token (then its own, the vocabulary being self-merging)
         const auto* c = reinterpret_cast<const uint8_t*>(chunk.data());
-        const Rank rank = c[0] >= 0x80 ? three_byte_rank(c[0] | c[1] << 8 | c[2] << 16) : kNoRank;
+        const Rank rank = char3_rank(c);
         if (rank != kNoRank) {
             *w = rank;
             return w + 1;
@@ -423,8 +413,7 @@ Rank* BytePairEncoder::merge_cut(std::string_view piece, Rank* w, PieceCache& ca
         if (span) continue;
         // Most chunks of a CJK run are one character and a token: found here without the call.
         Rank rank;
-        if (k - start == 3 && p[start] >= 0x80 &&
-            (rank = three_byte_rank(p[start] | p[start + 1] << 8 | p[start + 2] << 16)) != kNoRank)
+        if (k - start == 3 && (rank = char3_rank(p + start)) != kNoRank)
             *w++ = rank;
         else
             w = encode_chunk(piece.substr(start, k - start), w, cache, true);
@@ -451,6 +440,9 @@ Rank* BytePairEncoder::merge_chunked(std::string_view piece, Rank* w, PieceCache
         else
             w = encode_chunk(piece.substr(a, b - a), w, cache, false);
     };
+    // Walks cost up to the longest token's length each: quadratic where long tokens overlap (a rule of 80 dashes).
+    // Past this many steps the rest of the piece, from the last cut, is merged whole instead.
+    size_t steps_left = 8 * n + 64;
     for (size_t s = 0; s < n; ++s) {
         if (s > chunk_start && reach <= s) {
             emit(chunk_start, s);
@@ -463,6 +455,7 @@ Rank* BytePairEncoder::merge_chunked(std::string_view piece, Rank* w, PieceCache
         uint32_t node = s + 1 < n ? depth2_[(size_t(p[s]) << 8) | p[s + 1]] : UINT32_MAX;
         if (node != UINT32_MAX && node_rank_[node] != kNoRank) end = s + 2, end_rank = node_rank_[node];
         for (size_t e = s + 2; node != UINT32_MAX && e < n; ++e) {
+            if (--steps_left == 0) return encode_chunk(piece.substr(chunk_start), w, cache, false);
             node = trie_.find(node, p[e]);
             if (node == kNoRank) break;
             const Rank r = node_rank_[node];
@@ -470,6 +463,9 @@ Rank* BytePairEncoder::merge_chunked(std::string_view piece, Rank* w, PieceCache
         }
         if (s == chunk_start) chunk_token_end = end, chunk_token = end_rank;
         if (end > reach) reach = end;
+        // A token reaching the end spans every later position: no cut is left to find, and the walks from the
+        // remaining starts (each up to the longest token's length: quadratic on a rule of dashes) would be wasted.
+        if (reach >= n) break;
     }
     emit(chunk_start, n);
     return w;

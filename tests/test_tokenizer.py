@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import os
 import pickle
+import random
 import sysconfig
 from pathlib import Path
 
@@ -381,3 +382,37 @@ def test_letter_runs_of_every_length_around_the_16_byte_steps(pair):
             for end in ("", ".", "7", "é", "ß", " x", "'s", "\n"):
                 for text in (word + end, " " + word + end, "(" + word + end):
                     assert ours.encode_ordinary(text) == ref.encode_ordinary(text), repr(text)
+
+
+def test_long_runs_and_rules(pair):
+    # Long pieces of one repeated character or a drawn rule: the exact cut walks the trie from every byte, and where
+    # long tokens overlap (runs of dashes, spaces, '=') it gives up after a budget and merges the rest whole.
+    ours, ref = pair
+    for char in ("-", "=", " ", "~", "*", "0", "ー", "あ", "。"):
+        for length in (15, 16, 17, 31, 64, 97, 255, 256, 257, 600, 1023, 1024, 1025, 2048):
+            run = char * length
+            for text in (run, "+" + run + "+", "x" + run, run + "\n", ("+" + run[: length // 3]) * 3 + "+"):
+                _check(ours, ref, text)
+
+
+def test_single_pieces_of_arbitrary_bytes(pair):
+    # Pieces given as bytes skip the pattern, so a CJK-like run may hold broken characters: lead bytes without their
+    # continuation bytes, stray continuation bytes, and three bytes that look like a character but are not one.
+    ours, ref = pair
+    rng = random.Random(11)
+    cjk = "日本語の文章を書くとき、漢字と仮名を使います。".encode()
+    for _ in range(300):
+        parts = []
+        for _ in range(rng.randrange(1, 40)):
+            kind = rng.randrange(4)
+            if kind == 0:
+                i = rng.randrange(0, len(cjk) - 3, 3)
+                parts.append(cjk[i : i + 3 * rng.randrange(1, 4)])
+            elif kind == 1:
+                parts.append(bytes([rng.choice([0xE3, 0xE4, 0xE6, 0xEF])]) + bytes(rng.randrange(0x80, 0xC0) for _ in range(rng.randrange(0, 3))))
+            elif kind == 2:
+                parts.append(bytes(rng.randrange(0x80, 0x100) for _ in range(rng.randrange(1, 4))))
+            else:
+                parts.append(bytes(rng.choice(b"ab -=") for _ in range(rng.randrange(1, 6))))
+        piece = b"".join(parts)
+        assert ours._encode_single_piece(piece) == ref._encode_single_piece(piece), piece
