@@ -473,16 +473,16 @@ Rank* BytePairEncoder::merge_chunked(std::string_view piece, Rank* w, PieceCache
 
 // tiktoken's scan over parts: token[i] is part i's rank, pair[i] the rank of parts i and i+1 joined. Each step finds
 // the lowest pair (leftmost on ties), joins it, and refreshes only the two pairs that touch the joined part.
-// Quadratic in the piece, so only for short pieces, where it beats a heap: the pair array has a fixed width padded
-// with kNoRank, so the minimum is a branch-free pass of constant length, and parts shift with plain moves.
+// Quadratic in the piece, so only for short pieces, where it beats a heap: the minimum is a branch-free pass over the
+// live pairs, and parts shift with plain moves.
 Rank* BytePairEncoder::merge_short(std::string_view piece, Rank* w, PieceCache* memo) const {
     const size_t n = piece.size();
     Rank pair[kShortPiece];
     Rank token[kShortPiece];
     const uint8_t* p = reinterpret_cast<const uint8_t*>(piece.data());
-    for (size_t i = 0; i < kShortPiece; ++i) pair[i] = kNoRank;
     for (size_t i = 0; i < n; ++i) token[i] = byte_ranks_[p[i]];
     for (size_t i = 0; i + 1 < n; ++i) pair[i] = byte_pair_ranks_[(size_t(p[i]) << 8) | p[i + 1]];
+    pair[n - 1] = kNoRank;  // the last part has no right neighbour; merges keep this end marker in place
     size_t parts = n;
     // Each merge needs the merged part's pairs with its two neighbours, looked up in a table of megabytes: done one
     // after the other, a piece new to the cache waits for one memory miss per merge. So the lookups that any pair
@@ -494,11 +494,15 @@ Rank* BytePairEncoder::merge_short(std::string_view piece, Rank* w, PieceCache* 
     };
     for (size_t j = 0; j + 1 < n; ++j) prefetch_after_merge_of(j);
     for (;;) {
+        // The lowest pair, the leftmost on ties (strict <), over the live pairs only: a few parts, mostly.
         Rank best = kNoRank;
-        for (size_t i = 0; i < kShortPiece; ++i) best = pair[i] < best ? pair[i] : best;
-        if (best == kNoRank) break;
         size_t bi = 0;
-        while (pair[bi] != best) ++bi;
+        for (size_t i = 0; i + 1 < parts; ++i) {
+            const bool lower = pair[i] < best;
+            best = lower ? pair[i] : best;
+            bi = lower ? i : bi;
+        }
+        if (best == kNoRank) break;
         // Join parts bi and bi+1; the tail moves left (the kNoRank padding follows it).
         token[bi] = best;
         for (size_t i = bi + 1; i + 1 < parts; ++i) {

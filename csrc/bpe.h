@@ -257,6 +257,9 @@ class TokenBuffer {
         return data_ + size_;
     }
     void set_end(const Rank* end) { size_ = static_cast<size_t>(end - data_); }
+    // The last slot a cursor may reach with kSlack spare slots after it: a writer that keeps its own cursor checks
+    // against this once per piece instead of calling room() and set_end().
+    const Rank* limit() const { return data_ + capacity_ - kSlack; }
     void push_back(Rank r) { *room(1) = r, ++size_; }
 
    private:
@@ -510,19 +513,20 @@ class BytePairEncoder {
     void encode_piece(std::string_view piece, TokenBuffer& out) const { encode_piece(piece, out, piece_cache()); }
     // The same with the calling thread's cache for this encoder, fetched once per text.
     void encode_piece(std::string_view piece, TokenBuffer& out, PieceCache& cache) const {
-        Rank* w = out.room(piece.size());
-        if (piece.size() == 1)
-            *w++ = byte_ranks_[static_cast<uint8_t>(piece[0])];
-        else if (piece.size() <= kShortPiece)
-            w = encode_short(piece, w, cache);
-        else
-            w = encode_long(piece, w, cache);
-        out.set_end(w);
+        out.set_end(encode_piece(piece, out.room(piece.size()), cache));
     }
-    // encode_piece() for a short piece (2 to kShortPiece bytes) whose cache key is already known.
-    void encode_short_piece(std::string_view piece, const PieceCache::Key& key, TokenBuffer& out,
-                            PieceCache& cache) const {
-        out.set_end(encode_short(piece, key, out.room(piece.size()), cache));
+    // The same through a raw cursor: writes the tokens at w, which has room for one token per byte of the piece plus
+    // TokenBuffer::kSlack, and returns the end.
+    Rank* encode_piece(std::string_view piece, Rank* w, PieceCache& cache) const {
+        if (piece.size() == 1) {
+            *w = byte_ranks_[static_cast<uint8_t>(piece[0])];
+            return w + 1;
+        }
+        return piece.size() <= kShortPiece ? encode_short(piece, w, cache) : encode_long(piece, w, cache);
+    }
+    // encode_piece() at a cursor for a short piece (2 to kShortPiece bytes) whose cache key is already known.
+    Rank* encode_short_piece(std::string_view piece, const PieceCache::Key& key, Rank* w, PieceCache& cache) const {
+        return encode_short(piece, key, w, cache);
     }
     // Starts loading the slot where a short piece new to the cache is looked up whole.
     void prefetch_whole_piece(std::string_view piece) const { ranks_.prefetch(piece.data(), piece.size()); }

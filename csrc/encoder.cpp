@@ -148,11 +148,17 @@ void Encoder::encode_segment(std::string_view segment, TokenBuffer& out, PieceCa
     const char* base = segment.data();
     Pending pending[kLag];
     size_t found = 0;
+    // Tokens go through a local cursor: a piece of n bytes yields at most n tokens, so one comparison per piece
+    // keeps room, and the buffer's size is written once at the end.
+    Rank* w = out.room(0);
+    const Rank* limit = out.limit();
     auto encode_pending = [&](const Pending& p) {
-        if (p.short_piece)
-            bpe_.encode_short_piece(p.piece, p.key, out, cache);
-        else
-            bpe_.encode_piece(p.piece, out, cache);
+        if (static_cast<size_t>(limit - w) < p.piece.size()) {
+            out.set_end(w);
+            w = out.room(p.piece.size());
+            limit = out.limit();
+        }
+        w = p.short_piece ? bpe_.encode_short_piece(p.piece, p.key, w, cache) : bpe_.encode_piece(p.piece, w, cache);
     };
     for_each_piece(static_cast<PatternKind>(pattern_kind_), segment, [&](size_t begin, size_t end) {
         Pending& slot = pending[found % kLag];
@@ -170,6 +176,7 @@ void Encoder::encode_segment(std::string_view segment, TokenBuffer& out, PieceCa
         ++found;
     });
     for (size_t i = found > kLag ? found - kLag : 0; i < found; ++i) encode_pending(pending[i % kLag]);
+    out.set_end(w);
 #else
     (void)segment;
     (void)out;
