@@ -319,40 +319,42 @@ class PieceCache {
     }
     // How many tokens an entry holds.
     size_t capacity() const { return narrow_ ? 6 : 3; }
-    // Writes the piece's tokens at w (all of an entry's token slots; the first `count` are the piece's) and returns
-    // w + count, or returns null when the piece is not cached.
-    Rank* find(const Key& k, Rank* w) const {
+    // An entry's payload: `lo` holds the piece's length, the token count and the first tokens, `hi` the rest (see
+    // Entry). lo is 0 for no entry (a cached piece has at least two bytes).
+    struct Payload {
+        uint64_t lo = 0, hi = 0;
+    };
+    // The payload of the entry holding the piece, or an empty one when the piece is not cached.
+    Payload lookup(const Key& k) const {
         const Set& s = sets_[k.set];
-        for (const Entry& e : s.entry) {
-            if (holds(e, k)) {
-                constexpr uint64_t m = kNarrowRanks - 1;
-                if (narrow_) {
-                    w[0] = Rank(e.lo >> 8 & m);
-                    if ((e.lo >> 5 & 7) > 1) {  // more than one token (most pieces are one)
-                        w[1] = Rank(e.lo >> 28 & m);
-                        w[2] = Rank(e.lo >> 48 | (e.hi & 0xF) << 16);
-                        w[3] = Rank(e.hi >> 4 & m);
-                        w[4] = Rank(e.hi >> 24 & m);
-                        w[5] = Rank(e.hi >> 44);
-                    }
-                } else {
-                    w[0] = Rank(e.lo >> 32);
-                    w[1] = Rank(e.hi);
-                    w[2] = Rank(e.hi >> 32);
-                }
-                return w + (e.lo >> 5 & 7);
-            }
-        }
-        return nullptr;
+        for (const Entry& e : s.entry)
+            if (holds(e, k)) return {e.lo, e.hi};
+        return {};
     }
-    // Whether the piece may be cached: an entry starts with its first bytes (false means it is not; the set should
-    // already be loaded: see prefetch()). One comparison per entry, for the encoder's guess at which pieces will
-    // miss; find() decides.
-    bool may_contain(const Key& k) const {
-        const Set& s = sets_[k.set];
-        bool found = false;
-        for (const Entry& e : s.entry) found |= e.a == k.a;
-        return found;
+    // Writes the tokens of a non-empty payload at w (all of an entry's token slots; the first `count` are the
+    // piece's) and returns w + count.
+    Rank* emit(const Payload& e, Rank* w) const {
+        constexpr uint64_t m = kNarrowRanks - 1;
+        if (narrow_) {
+            w[0] = Rank(e.lo >> 8 & m);
+            if ((e.lo >> 5 & 7) > 1) {  // more than one token (most pieces are one)
+                w[1] = Rank(e.lo >> 28 & m);
+                w[2] = Rank(e.lo >> 48 | (e.hi & 0xF) << 16);
+                w[3] = Rank(e.hi >> 4 & m);
+                w[4] = Rank(e.hi >> 24 & m);
+                w[5] = Rank(e.hi >> 44);
+            }
+        } else {
+            w[0] = Rank(e.lo >> 32);
+            w[1] = Rank(e.hi);
+            w[2] = Rank(e.hi >> 32);
+        }
+        return w + (e.lo >> 5 & 7);
+    }
+    // Writes the piece's tokens at w as emit() does and returns the end, or returns null when the piece is not cached.
+    Rank* find(const Key& k, Rank* w) const {
+        const Payload e = lookup(k);
+        return e.lo ? emit(e, w) : nullptr;
     }
     // Starts loading the set a piece would occupy, so that a lookup issued a little later finds it in the L1.
     void prefetch(const Key& k) const {

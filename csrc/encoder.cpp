@@ -136,13 +136,16 @@ void Encoder::encode_segment(std::string_view segment, TokenBuffer& out, PieceCa
 #if LLMFAST_HAVE_PRETOKENIZE
     // Pieces are merged as the scanner finds them, kLag pieces behind it: no piece list in between, and the memory
     // each piece needs loads while the pieces before it are merged. A short piece's cache set is prefetched when the
-    // scanner finds it; kProbe pieces later the set is checked, and a piece that will miss gets the slot of its
-    // whole-piece lookup prefetched too. (A cached piece takes a few tens of nanoseconds, a miss to memory about a
-    // hundred: hence a few pieces of lag.)
+    // scanner finds it; kProbe pieces later the set is looked up: a hit keeps its entry's payload (the set is read
+    // once, and a later insert into the set cannot change what was found), a piece that will miss gets the slot of
+    // its whole-piece lookup prefetched. (A cached piece takes a few tens of nanoseconds, a miss to memory about a
+    // hundred: hence a few pieces of lag.) Tried and slower: batches of 16 pieces in three passes (more loop
+    // overhead than the ring's bookkeeping).
     constexpr size_t kLag = 4, kProbe = 2;
     struct Pending {
         std::string_view piece;
         PieceCache::Key key;
+        PieceCache::Payload cached;  // the cache's entry, once looked up and found
         bool short_piece;
     };
     const char* base = segment.data();
@@ -158,23 +161,34 @@ void Encoder::encode_segment(std::string_view segment, TokenBuffer& out, PieceCa
             w = out.room(p.piece.size());
             limit = out.limit();
         }
-        w = p.short_piece ? bpe_.encode_short_piece(p.piece, p.key, w, cache) : bpe_.encode_piece(p.piece, w, cache);
+        if (!p.short_piece)
+            w = bpe_.encode_piece(p.piece, w, cache);
+        else if (p.cached.lo)
+            w = cache.emit(p.cached, w);
+        else  // a miss, or one of the last pieces, not looked up: the cache once more (an earlier piece may have
+              // inserted it since), then the merge
+            w = bpe_.encode_short_piece(p.piece, p.key, w, cache);
     };
     for_each_piece(static_cast<PatternKind>(pattern_kind_), segment, [&](size_t begin, size_t end) {
         Pending& slot = pending[found % kLag];
         if (found >= kLag) encode_pending(slot);
         slot.piece = std::string_view(base + begin, end - begin);
-        slot.short_piece = slot.piece.size() >= 2 && slot.piece.size() <= BytePairEncoder::kShortPiece;
+        slot.short_piece = slot.piece.size() - 2 <= BytePairEncoder::kShortPiece - 2;  // 2 to kShortPiece bytes
         if (slot.short_piece) {
             slot.key = PieceCache::key_of(slot.piece.data(), slot.piece.size());
             cache.prefetch(slot.key);
         }
         if (found >= kProbe) {
-            const Pending& probe = pending[(found - kProbe) % kLag];
-            if (probe.short_piece && !cache.may_contain(probe.key)) bpe_.prefetch_whole_piece(probe.piece);
+            Pending& probe = pending[(found - kProbe) % kLag];
+            if (probe.short_piece) {
+                probe.cached = cache.lookup(probe.key);
+                if (!probe.cached.lo) bpe_.prefetch_whole_piece(probe.piece);
+            }
         }
         ++found;
     });
+    // The last kProbe pieces were never looked up (their payload slots hold an earlier piece's).
+    for (size_t i = found > kProbe ? found - kProbe : 0; i < found; ++i) pending[i % kLag].cached = {};
     for (size_t i = found > kLag ? found - kLag : 0; i < found; ++i) encode_pending(pending[i % kLag]);
     out.set_end(w);
 #else
