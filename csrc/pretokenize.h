@@ -202,6 +202,28 @@ inline size_t ascii_range_run(const uint8_t* s, size_t n, size_t j) {
     return j;
 }
 
+// End of [A-Z]*[a-z]* from j: o200k's U*W+ (or U+) over ASCII letters. Both runs of most words end within one
+// 16-byte step, so one load classifies them; longer runs continue with ascii_range_run().
+inline size_t ascii_upper_then_lower_run(const uint8_t* s, size_t n, size_t j) {
+#if defined(__SSE2__)
+    if (j + 16 <= n) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + j));
+        auto mask_of = [&bytes](char lo, char hi) {  // bit i set: byte i in [lo, hi]
+            const __m128i offset = _mm_sub_epi8(bytes, _mm_set1_epi8(lo));
+            const __m128i inside = _mm_cmpeq_epi8(_mm_min_epu8(offset, _mm_set1_epi8(static_cast<char>(hi - lo))), offset);
+            return static_cast<unsigned>(_mm_movemask_epi8(inside));
+        };
+        const unsigned upper = mask_of('A', 'Z'), lower = mask_of('a', 'z');
+        const unsigned u = static_cast<unsigned>(__builtin_ctz(~upper));  // capitals first: <= 16 (bits 16+ of ~upper)
+        if (u == 16) return ascii_range_run<'a', 'z', false>(s, n, ascii_range_run<'A', 'Z', false>(s, n, j + 16));
+        const unsigned l = static_cast<unsigned>(__builtin_ctz(~(lower >> u)));  // then small letters: <= 16 - u
+        if (u + l < 16) return j + u + l;
+        return ascii_range_run<'a', 'z', false>(s, n, j + 16);
+    }
+#endif
+    return ascii_range_run<'a', 'z', false>(s, n, ascii_range_run<'A', 'Z', false>(s, n, j));
+}
+
 // cl100k_base:
 //   '(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|
 //   \s+(?!\S)|\s
@@ -277,7 +299,7 @@ inline size_t next_piece_o200k(const uint8_t* s, size_t n, size_t i) {
         const size_t start = ascii_letters_start(s, n, i);
         if (start <= n) {
             // ASCII letters are [A-Z] (U) or [a-z] (W): U*W+ when lower-case letters follow the capitals, else U+.
-            const size_t e = ascii_range_run<'a', 'z', false>(s, n, ascii_range_run<'A', 'Z', false>(s, n, start));
+            const size_t e = ascii_upper_then_lower_run(s, n, start);
             if (e == n || s[e] < 0x80) return contraction_folded(s, n, e);
         }
     }
