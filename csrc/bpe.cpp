@@ -503,7 +503,7 @@ Rank* BytePairEncoder::merge_short(std::string_view piece, Rank* w, PieceCache* 
             bi = lower ? i : bi;
         }
         if (best == kNoRank) break;
-        // Join parts bi and bi+1; the tail moves left (the kNoRank padding follows it).
+        // Join parts bi and bi+1; the tail moves left (the end marker follows it).
         token[bi] = best;
         for (size_t i = bi + 1; i + 1 < parts; ++i) {
             token[i] = token[i + 1];

@@ -565,7 +565,8 @@ class BytePairEncoder {
     // one cut further (`cut_further`) or merged whole.
     Rank* encode_chunk(std::string_view chunk, Rank* w, PieceCache& cache, bool cut_further) const;
     Rank* merge_cut(std::string_view piece, Rank* w, PieceCache& cache) const;
-    // `memo`: the calling thread's cache, whose pair memo then serves the lookups (null: the pair table only).
+    // A piece of 1 to kShortPiece bytes. `memo`: the calling thread's cache, whose pair memo then serves the lookups
+    // (null: the pair table only).
     Rank* merge_short(std::string_view piece, Rank* w, PieceCache* memo) const;
     // Rank of the token made of parts left and right, or kNoRank; through the thread's pair memo when given.
     Rank pair_rank(Rank left, Rank right, PieceCache* memo) const {
