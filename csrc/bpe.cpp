@@ -325,7 +325,7 @@ void BytePairEncoder::build(const std::vector<std::pair<std::string, Rank>>& mer
 // A short piece is merged whole, not cut into chunks first: its own cache entry serves it from now on, and entries
 // for its chunks as well would crowd the cache (measured: cutting 20k new words filled it to thrashing).
 Rank* BytePairEncoder::encode_short_uncached(std::string_view piece, const PieceCache::Key& key, Rank* w,
-                                             PieceCache& cache) const {
+                                             PieceCache& cache, bool marked) const {
     Rank* end;
     const Rank whole = ranks_.find(piece);
     if (whole != kNoRank) {
@@ -334,7 +334,12 @@ Rank* BytePairEncoder::encode_short_uncached(std::string_view piece, const Piece
         end = merge_short(piece, w, &cache);
     }
     const size_t count = static_cast<size_t>(end - w);
-    if (count <= cache.capacity()) cache.insert(key, w, count);
+    if (count <= cache.capacity()) {
+        cache.insert(key, w, count);
+    } else {
+        if (!marked) cache.insert_overflow(key);
+        cache.insert_long(piece, hash_bytes(piece.data(), piece.size()), w, count);
+    }
     return end;
 }
 
@@ -381,9 +386,7 @@ Rank* BytePairEncoder::encode_chunk(std::string_view chunk, Rank* w, PieceCache&
         }
     }
     if (chunk.size() <= kShortPiece) {
-        const PieceCache::Key key = PieceCache::key_of(chunk.data(), chunk.size());
-        if (Rank* end = cache.find(key, w)) return end;
-        return encode_short_uncached(chunk, key, w, cache);
+        return encode_short(chunk, PieceCache::key_of(chunk.data(), chunk.size()), w, cache);
     }
     return cut_further && chunk.size() <= kTrieCutPiece ? merge_chunked(chunk, w, cache) : merge_long(chunk, w);
 }

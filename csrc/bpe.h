@@ -351,11 +351,11 @@ class PieceCache {
         }
         return w + (e.lo >> 5 & 7);
     }
-    // Writes the piece's tokens at w as emit() does and returns the end, or returns null when the piece is not cached.
-    Rank* find(const Key& k, Rank* w) const {
-        const Payload e = lookup(k);
-        return e.lo ? emit(e, w) : nullptr;
-    }
+    // A payload whose token count field reads kOverflow holds no tokens: the piece has more than capacity() of them,
+    // and they are kept with the long pieces (find_long()). A short piece of rare characters can take a token per
+    // byte, and without this it would be merged anew every time it is met.
+    static constexpr uint64_t kOverflow = 7;
+    static bool overflowed(const Payload& e) { return (e.lo >> 5 & 7) == kOverflow; }
     // Starts loading the set a piece would occupy, so that a lookup issued a little later finds it in the L1.
     void prefetch(const Key& k) const {
         const char* set = reinterpret_cast<const char*>(&sets_[k.set]);
@@ -363,6 +363,12 @@ class PieceCache {
     }
     // The entries' memory, for BytePairEncoder::warm().
     std::string_view memory() const { return {reinterpret_cast<const char*>(sets_.data()), kSets * sizeof(Set)}; }
+    // Marks the piece as cached with its tokens among the long pieces (see kOverflow).
+    void insert_overflow(const Key& k) {
+        Set& s = sets_[k.set];
+        for (size_t i = kWays - 1; i > 0; --i) s.entry[i] = s.entry[i - 1];
+        s.entry[0] = Entry{k.a, k.b, k.len | kOverflow << 5, 0};
+    }
     // Caches the tokens of a piece (count <= capacity()), as the most recent entry of its set.
     void insert(const Key& k, const Rank* tokens, size_t count) {
         Set& s = sets_[k.set];
@@ -557,10 +563,15 @@ class BytePairEncoder {
         return encode_short(piece, PieceCache::key_of(piece.data(), piece.size()), w, cache);
     }
     Rank* encode_short(std::string_view piece, const PieceCache::Key& key, Rank* w, PieceCache& cache) const {
-        if (Rank* end = cache.find(key, w)) return end;
-        return encode_short_uncached(piece, key, w, cache);
+        const PieceCache::Payload e = cache.lookup(key);
+        if (!e.lo) return encode_short_uncached(piece, key, w, cache, false);
+        if (!PieceCache::overflowed(e)) return cache.emit(e, w);
+        if (Rank* end = cache.find_long(piece, hash_bytes(piece.data(), piece.size()), w)) return end;
+        return encode_short_uncached(piece, key, w, cache, true);  // its long entry was evicted since
     }
-    Rank* encode_short_uncached(std::string_view piece, const PieceCache::Key& key, Rank* w, PieceCache& cache) const;
+    // `marked`: the piece's cache set already holds its overflow mark.
+    Rank* encode_short_uncached(std::string_view piece, const PieceCache::Key& key, Rank* w, PieceCache& cache,
+                                bool marked) const;
     Rank* encode_long(std::string_view piece, Rank* w, PieceCache& cache) const;
     // One chunk of a cut piece (self-merging vocabularies only): a byte, a short chunk through the cache, or a long
     // one cut further (`cut_further`) or merged whole.

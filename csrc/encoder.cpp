@@ -163,10 +163,10 @@ void Encoder::encode_segment(std::string_view segment, TokenBuffer& out, PieceCa
         }
         if (!p.short_piece)
             w = bpe_.encode_piece(p.piece, w, cache);
-        else if (p.cached.lo)
+        else if (p.cached.lo && !PieceCache::overflowed(p.cached))
             w = cache.emit(p.cached, w);
-        else  // a miss, or one of the last pieces, not looked up: the cache once more (an earlier piece may have
-              // inserted it since), then the merge
+        else  // a miss, a piece with more tokens than an entry holds, or one of the last pieces, not looked up: the
+              // cache once more (an earlier piece may have inserted it since), then the merge
             w = bpe_.encode_short_piece(p.piece, p.key, w, cache);
     };
     for_each_piece(static_cast<PatternKind>(pattern_kind_), segment, [&](size_t begin, size_t end) {

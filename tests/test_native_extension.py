@@ -162,3 +162,22 @@ def test_random_vocabularies_match_tiktoken_on_multibyte_pieces(seed):
             pieces.append(text[start : start + rng.randrange(1, 40)].encode())
         for piece in pieces + pieces:  # the second time, short pieces and chunks come from the cache
             assert core.encode_single_piece(piece) == ref._encode_single_piece(piece), piece
+
+
+def test_short_pieces_with_more_tokens_than_a_cache_entry_holds():
+    # A short piece whose tokens do not fit a cache entry (more than six) is marked in the short cache and keeps its
+    # tokens with the long pieces. Encoded again at once it comes from there; after a flood of other such pieces its
+    # long entry is gone while the mark may remain, and it is merged anew. Every time the tokens must be exact.
+    ranks = _byte_ranks()
+    ranks[b"ab"] = 1
+    core = _C.CoreBPE(ranks, {}, r"\S+")
+    rng = random.Random(8)
+    pieces = [bytes(rng.choice(b"abcdefgh") for _ in range(rng.randrange(7, 17))) for _ in range(100000)]
+    checked = pieces[:2000]
+    first = [core.encode_single_piece(p) for p in checked]
+    assert first == [_reference_bpe(ranks, p) for p in checked]
+    assert sum(len(t) > 6 for t in first) > 1000  # most of them overflow an entry
+    assert [core.encode_single_piece(p) for p in checked] == first
+    for p in pieces:
+        core.encode_single_piece(p)
+    assert [core.encode_single_piece(p) for p in checked] == first
