@@ -480,6 +480,7 @@ Rank* BytePairEncoder::merge_chunked(std::string_view piece, Rank* w, PieceCache
 // live pairs, and parts shift with plain moves.
 Rank* BytePairEncoder::merge_short(std::string_view piece, Rank* w, PieceCache* memo) const {
     const size_t n = piece.size();
+    if (n == 0) return w;
     Rank pair[kShortPiece];
     Rank token[kShortPiece];
     const uint8_t* p = reinterpret_cast<const uint8_t*>(piece.data());

@@ -527,7 +527,8 @@ class BytePairEncoder {
     // The same through a raw cursor: writes the tokens at w, which has room for one token per byte of the piece plus
     // TokenBuffer::kSlack, and returns the end.
     Rank* encode_piece(std::string_view piece, Rank* w, PieceCache& cache) const {
-        if (piece.size() == 1) {
+        if (piece.size() <= 1) {  // an empty piece (only through encode_single_piece) has no tokens
+            if (piece.empty()) return w;
             *w = byte_ranks_[static_cast<uint8_t>(piece[0])];
             return w + 1;
         }
@@ -577,7 +578,7 @@ class BytePairEncoder {
     // one cut further (`cut_further`) or merged whole.
     Rank* encode_chunk(std::string_view chunk, Rank* w, PieceCache& cache, bool cut_further) const;
     Rank* merge_cut(std::string_view piece, Rank* w, PieceCache& cache) const;
-    // A piece of 1 to kShortPiece bytes. `memo`: the calling thread's cache, whose pair memo then serves the lookups
+    // A piece of up to kShortPiece bytes. `memo`: the calling thread's cache, whose pair memo then serves the lookups
     // (null: the pair table only).
     Rank* merge_short(std::string_view piece, Rank* w, PieceCache* memo) const;
     // Rank of the token made of parts left and right, or kNoRank; through the thread's pair memo when given.

@@ -21,6 +21,7 @@ def test_merge_takes_lowest_rank_first_and_leftmost_on_ties():
     assert core.encode_single_piece(b"abc") == [2]
     # Three a's: both pairs are "aa" (rank 3); the leftmost merges.
     assert core.encode_single_piece(b"aaa") == [3, 100 + ord("a")]
+    assert core.encode_single_piece(b"") == []  # no bytes, no tokens (and no read before the piece)
 
 
 def test_long_piece_heap_path_matches_short_scan():
