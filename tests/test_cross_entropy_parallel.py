@@ -87,6 +87,7 @@ def _vocab_parallel_worker(rank: int, store_file: str, errors: str) -> None:
             assert f"target[2] = {v} is out of range" in str(err) and f"[0, {v})" in str(err), err
         else:
             raise AssertionError("no ValueError for an out-of-range target")
+        dist.barrier()  # no rank tears its connections down while the other still has gloo work in flight
         dist.destroy_process_group()
     except BaseException:
         with open(f"{errors}.{rank}", "w") as f:
@@ -130,6 +131,7 @@ def _fsdp_weight_worker(rank: int, store_file: str, errors: str) -> None:
         torch.testing.assert_close(w_sharded.grad.full_tensor().double(), w64.grad, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(b_sharded.grad.full_tensor().double(), b64.grad, rtol=1e-5, atol=1e-6)
         _fully_shard_model(rank, hidden, target)
+        dist.barrier()  # no rank tears its connections down while the other still has gloo work in flight
         dist.destroy_process_group()
     except BaseException:
         with open(f"{errors}.{rank}", "w") as f:
