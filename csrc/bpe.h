@@ -364,16 +364,10 @@ class PieceCache {
     // The entries' memory, for BytePairEncoder::warm().
     std::string_view memory() const { return {reinterpret_cast<const char*>(sets_.data()), kSets * sizeof(Set)}; }
     // Marks the piece as cached with its tokens among the long pieces (see kOverflow).
-    void insert_overflow(const Key& k) {
-        Set& s = sets_[k.set];
-        for (size_t i = kWays - 1; i > 0; --i) s.entry[i] = s.entry[i - 1];
-        s.entry[0] = Entry{k.a, k.b, k.len | kOverflow << 5, 0};
-    }
+    void insert_overflow(const Key& k) { new_entry(k) = Entry{k.a, k.b, k.len | kOverflow << 5, 0}; }
     // Caches the tokens of a piece (count <= capacity()), as the most recent entry of its set.
     void insert(const Key& k, const Rank* tokens, size_t count) {
-        Set& s = sets_[k.set];
-        for (size_t i = kWays - 1; i > 0; --i) s.entry[i] = s.entry[i - 1];
-        Entry& e = s.entry[0];
+        Entry& e = new_entry(k);
         e.a = k.a;
         e.b = k.b;
         uint64_t t[6] = {};
@@ -461,6 +455,12 @@ class PieceCache {
     struct Entry {
         uint64_t a = 0, b = 0, lo = 0, hi = 0;
     };
+    // The piece's set makes room at the front (the least recent entry drops out): the entry a new piece goes in.
+    Entry& new_entry(const Key& k) {
+        Set& s = sets_[k.set];
+        for (size_t i = kWays - 1; i > 0; --i) s.entry[i] = s.entry[i - 1];
+        return s.entry[0];
+    }
     static bool holds(const Entry& e, const Key& k) { return e.a == k.a && e.b == k.b && (e.lo & 0x1F) == k.len; }
     struct alignas(64) Set {
         Entry entry[kWays];
